@@ -1,0 +1,46 @@
+# enrich-server: every chore is one target; CI runs `make test` (see .ci/run).
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: help venv run test lint typecheck pytest example-store bench-micro clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create .venv and install the project (done by every target that needs it)
+
+run: $(STAMP) ## serve the bundled example store on http://127.0.0.1:8080
+	$(BIN)/enrich-server serve
+
+test: lint typecheck pytest ## ruff, mypy --strict and the whole pytest suite
+
+lint: $(STAMP) ## ruff check and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP) ## mypy --strict over the package, tests and benchmarks
+	$(BIN)/mypy
+
+pytest: $(STAMP) ## the test suite alone
+	$(BIN)/pytest
+
+example-store: $(STAMP) ## rebuild segments.lmdb.example from segments.example.tsv
+	rm -rf segments.lmdb.example
+	$(BIN)/enrich-server load segments.example.tsv --store segments.lmdb.example --quiet
+	rm -f segments.lmdb.example/lock.mdb
+
+bench-micro: $(STAMP) ## in-process app work per request (decode + lookups + encode), 1M-identity store
+	$(BIN)/python bench/micro.py
+
+clean: ## remove the virtualenv and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench/.cache

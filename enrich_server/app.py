@@ -1,0 +1,92 @@
+"""The ASGI application: ``create_app(config)`` builds everything once, at start-up.
+
+Requests to the enrichment path go straight to ``EnrichEndpoint`` (a plain ASGI callable);
+everything else (health, and later the DMP and metrics endpoints) goes through a Starlette
+app, whose lifespan opens the store in each worker after the fork.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from enrich_server import config as config_module
+from enrich_server.config import Config
+from enrich_server.enrich import EnrichEndpoint
+from enrich_server.log import setup_logging
+from enrich_server.privacy import PrivacyPolicy
+from enrich_server.store import SegmentStore
+
+log = logging.getLogger(__name__)
+
+#: Where ``serve`` hands the resolved configuration to worker processes.
+CONFIG_HANDOFF_VARIABLE = "_ENRICH_SERVE_CONFIG"
+
+
+class EnrichServer:
+    """Routes the hot path around the Starlette stack; everything else goes through it."""
+
+    def __init__(self, path: str, enrich: EnrichEndpoint, rest: ASGIApp) -> None:
+        self._path = path
+        self.enrich = enrich
+        self._rest = rest
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == self._path:
+            await self.enrich(scope, receive, send)
+        else:
+            await self._rest(scope, receive, send)
+
+
+def create_app(config: Config) -> EnrichServer:
+    """Build the application for ``config``; the store opens when the lifespan starts."""
+    endpoint = EnrichEndpoint(config.enrich, PrivacyPolicy())
+    store_path = Path(config.server.store)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        store = SegmentStore(store_path)
+        endpoint.store = store
+        log.info(
+            "store opened",
+            extra={
+                "store": str(store_path),
+                "identities": store.identity_count(),
+                "pid": os.getpid(),
+            },
+        )
+        try:
+            yield
+        finally:
+            endpoint.store = None
+            store.close()
+
+    async def healthz(_: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(_: Request) -> JSONResponse:
+        if endpoint.store is None:
+            return JSONResponse({"status": "not ready", "why": "store not open"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    rest = Starlette(
+        routes=[Route("/healthz", healthz), Route("/readyz", readyz)],
+        lifespan=lifespan,
+    )
+    return EnrichServer(config.enrich.path, endpoint, rest)
+
+
+def create_app_from_handoff() -> EnrichServer:
+    """Factory for uvicorn worker processes: rebuild the app from the handed-off config."""
+    config = config_module.from_json(os.environ[CONFIG_HANDOFF_VARIABLE])
+    setup_logging(config.server.log_level)
+    return create_app(config)

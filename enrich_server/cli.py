@@ -1,0 +1,234 @@
+"""The ``enrich-server`` command line: serve, load, lookup, stats.
+
+Exit codes: 0 success, 1 the job failed (bad snapshot, unreadable store), 2 bad usage or
+configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+import uvicorn
+
+from enrich_server import __version__
+from enrich_server.app import CONFIG_HANDOFF_VARIABLE
+from enrich_server.config import EXAMPLE_STORE, load_config, options, to_json
+from enrich_server.errors import ConfigError, EnrichError, SnapshotError
+from enrich_server.keys import NAMESPACES, parse_key
+from enrich_server.log import setup_logging
+from enrich_server.snapshot import load_snapshots
+from enrich_server.store import SegmentStore
+
+log = logging.getLogger("enrich_server")
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _options_epilog() -> str:
+    lines = ["configuration (TOML key, environment variable, default):"]
+    for key, env, default, doc in options():
+        shown = "example store" if key == "server.store" else repr(default)
+        lines.append(f"  {key:<18} {env:<26} {shown}\n      {doc}")
+    lines.append("precedence: defaults < --config file < ENRICH_* variables < flags")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="enrich-server",
+        description="Real-time data partner server: answers Index Exchange enrichment "
+        "calls with audience segments from an LMDB store.",
+    )
+    parser.add_argument("--version", action="version", version=f"enrich-server {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve POST /enrich, /healthz and /readyz",
+        description="Serve the enrichment endpoint. Without --store, serves the bundled "
+        "example store.",
+        epilog=_options_epilog(),
+        formatter_class=raw,
+    )
+    serve.add_argument("--config", type=Path, help="TOML configuration file")
+    serve.add_argument("--store", help="segment store directory")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="TCP port (default 8080)")
+    serve.add_argument("--workers", type=int, help="worker processes sharing port and store")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+    load = commands.add_parser(
+        "load",
+        help="build or update a store from snapshot files (all or nothing)",
+        description="Apply snapshot files (TSV, optionally gzip-compressed) to a store, "
+        "creating it when missing. Each line: KEY<TAB>SEG[,SEG...][<TAB>EXPIRES]; a segment "
+        "written -SEG removes that membership. The whole load is one transaction: any bad "
+        "line is reported as FILE:LINE: why and nothing is applied.",
+        epilog=f"key namespaces: {', '.join(n + ':' for n in NAMESPACES)}",
+    )
+    load.add_argument("snapshots", nargs="+", type=Path, metavar="SNAPSHOT")
+    load.add_argument("--store", type=Path, required=True, help="store directory")
+    load.add_argument("--replace", action="store_true", help="drop every existing membership first")
+    load.add_argument("--quiet", action="store_true", help="no progress output")
+
+    lookup = commands.add_parser(
+        "lookup",
+        help="show what identity keys resolve to",
+        description="Print, one JSON object a line, the memberships of each KEY "
+        "(expired ones included, with their expiry).",
+    )
+    lookup.add_argument("keys", nargs="+", metavar="KEY", help="e.g. uid:AbcdEfgHijklmnoP")
+    lookup.add_argument("--store", type=Path, default=EXAMPLE_STORE, help="store directory")
+
+    stats = commands.add_parser(
+        "stats",
+        help="counts, sizes and age of a store",
+        description="Scan a store and report identities per namespace, segment sizes, "
+        "file size and snapshot age.",
+    )
+    stats.add_argument("--store", type=Path, default=EXAMPLE_STORE, help="store directory")
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+    stats.add_argument("--top", type=int, default=20, help="segments listed (default 20)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "load":
+            return _load(args)
+        if args.command == "lookup":
+            return _lookup(args)
+        return _stats(args)
+    except ConfigError as exc:
+        print(f"enrich-server: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SnapshotError as exc:
+        print(f"enrich-server: load failed, nothing was applied:\n{exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except EnrichError as exc:
+        print(f"enrich-server: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config(
+        args.config,
+        os.environ,
+        {
+            "server.store": args.store,
+            "server.host": args.host,
+            "server.port": args.port,
+            "server.workers": args.workers,
+            "server.log_level": args.log_level,
+        },
+    )
+    setup_logging(config.server.log_level)
+    SegmentStore(Path(config.server.store)).close()  # fail here, clearly, not in each worker
+    log.info("starting", extra={"version": __version__, "config": dataclasses.asdict(config)})
+    os.environ[CONFIG_HANDOFF_VARIABLE] = to_json(config).decode()
+    uvicorn.run(
+        "enrich_server.app:create_app_from_handoff",
+        factory=True,
+        host=config.server.host,
+        port=config.server.port,
+        workers=config.server.workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        proxy_headers=False,
+    )
+    return 0
+
+
+def _load(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    report = load_snapshots(
+        args.snapshots, args.store, replace=args.replace, progress=not args.quiet
+    )
+    elapsed = time.monotonic() - started
+    print(
+        f"loaded {report.lines:,} lines into {args.store} in {elapsed:.1f}s: "
+        f"{report.identities_added:,} identities added or updated, "
+        f"{report.memberships_removed:,} memberships removed"
+    )
+    return 0
+
+
+def _lookup(args: argparse.Namespace) -> int:
+    try:
+        keys = [parse_key(text) for text in args.keys]
+    except ValueError as exc:
+        print(f"enrich-server: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    store = SegmentStore(args.store)
+    now = int(time.time())
+    try:
+        for key in keys:
+            found = store.memberships(key)
+            segments = {
+                name: {"expires": exp or None, "expired": bool(exp and exp <= now)}
+                for name, exp in (found or {}).items()
+            }
+            line = {"key": key.decode(), "found": found is not None, "segments": segments}
+            print(msgspec.json.encode(line).decode())
+    finally:
+        store.close()
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    store = SegmentStore(args.store)
+    try:
+        stats = store.stats()
+    finally:
+        store.close()
+    top = dict(list(stats.segment_members.items())[: args.top])
+    if args.json:
+        data = dataclasses.asdict(stats)
+        data["segment_members"] = top
+        print(msgspec.json.encode(data).decode())
+        return 0
+    age = int(time.time()) - stats.built_at if stats.built_at else None
+    print(f"store        {stats.path}")
+    print(f"identities   {stats.identities:,}")
+    for namespace, count in stats.by_namespace.items():
+        print(f"  {namespace + ':':<10} {count:,}")
+    print(f"memberships  {stats.memberships:,}")
+    print(f"segments     {stats.segments:,}")
+    print(f"file size    {stats.file_bytes:,} bytes ({stats.data_bytes:,} in use)")
+    if stats.built_at:
+        built = datetime.datetime.fromtimestamp(stats.built_at, datetime.UTC)
+        print(f"built        {built:%Y-%m-%d %H:%M:%S} UTC ({_age(age or 0)} ago)")
+    print(f"top segments by members (of {stats.segments}):")
+    for name, count in top.items():
+        print(f"  {count:>12,}  {name}")
+    return 0
+
+
+def _age(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"

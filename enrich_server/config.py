@@ -1,0 +1,166 @@
+"""Configuration: one frozen, typed object built at start-up.
+
+Precedence: built-in defaults < TOML file (``--config``) < ``ENRICH_<SECTION>_<KEY>``
+environment variables < command-line flags. Unknown keys (in the file or as ``ENRICH_*``
+variables) are an error naming the key. The environment is read here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from enrich_server.errors import ConfigError
+
+#: The demo store bundled at the repository root (``make run`` serves it).
+EXAMPLE_STORE: Final = Path(__file__).resolve().parent.parent / "segments.lmdb.example"
+ENV_PREFIX: Final = "ENRICH_"
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+def _opt(default: Any, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be between 0 and 65535"
+
+
+def _positive(value: int) -> str | None:
+    return None if value >= 1 else "must be at least 1"
+
+
+def _not_negative(value: int) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+def _http_path(value: str) -> str | None:
+    return None if value.startswith("/") and " " not in value else "must be a path starting with /"
+
+
+def _log_level(value: str) -> str | None:
+    return None if value in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """``[server]``: where and how the process serves."""
+
+    host: str = _opt("127.0.0.1", "address to bind (use 0.0.0.0 or :: to serve beyond loopback)")
+    port: int = _opt(8080, "TCP port to bind", _port)
+    workers: int = _opt(1, "worker processes sharing the port and the store", _positive)
+    store: str = _opt(str(EXAMPLE_STORE), "segment store directory (LMDB)")
+    log_level: str = _opt("info", "lowest level logged: debug, info, warning, error", _log_level)
+
+
+@dataclass(frozen=True, slots=True)
+class EnrichConfig:
+    """``[enrich]``: the Index-facing endpoint."""
+
+    path: str = _opt("/enrich", "path of the enrichment endpoint", _http_path)
+    max_age: int = _opt(
+        86400, "Cache-Control max-age (seconds) when segments are known", _not_negative
+    )
+    max_body: int = _opt(
+        1048576, "largest request body accepted (bytes); larger gets 413", _positive
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration; one section per TOML table."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    enrich: EnrichConfig = field(default_factory=EnrichConfig)
+
+
+_SECTIONS: Final[dict[str, type[Any]]] = {"server": ServerConfig, "enrich": EnrichConfig}
+
+
+def options() -> list[tuple[str, str, Any, str]]:
+    """Every option as ``(section.key, ENV_NAME, default, doc)``, for ``--help`` and README."""
+    out = []
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            env = f"{ENV_PREFIX}{section}_{f.name}".upper()
+            out.append((f"{section}.{f.name}", env, f.default, f.metadata["doc"]))
+    return out
+
+
+def _convert(where: str, f: dataclasses.Field[Any], value: Any, text: bool = False) -> Any:
+    """Check ``value`` for field ``f``; ``text`` values (environment) are parsed first."""
+    kind = type(f.default)
+    if text and kind is int:
+        try:
+            value = int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} is not an integer") from None
+    if type(value) is not kind:
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {type(value).__name__}")
+    check = f.metadata["check"]
+    problem = check(value) if check is not None else None
+    if problem:
+        raise ConfigError(f"{where}: {value!r} {problem}")
+    return value
+
+
+def load_config(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the configuration from a TOML file, ``ENRICH_*`` variables and flags.
+
+    ``flags`` maps ``"section.key"`` to a value; ``None`` values (flags not given) are ignored.
+    Raises ``ConfigError`` naming the offending key.
+    """
+    values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    fields = {name: {f.name: f for f in dataclasses.fields(cls)} for name, cls in _SECTIONS.items()}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        for section, table in data.items():
+            if section not in _SECTIONS:
+                raise ConfigError(f"{path}: unknown section [{section}]")
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: {section} must be a table")
+            for key, value in table.items():
+                if key not in fields[section]:
+                    raise ConfigError(f"{path}: unknown key {key!r} in [{section}]")
+                where = f"{path}: [{section}] {key}"
+                values[section][key] = _convert(where, fields[section][key], value)
+    by_env = {env: key for key, env, _, _ in options()}
+    for name, value in (environ or {}).items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if name not in by_env:
+            raise ConfigError(f"unknown environment variable {name}")
+        section, key = by_env[name].split(".")
+        values[section][key] = _convert(name, fields[section][key], value, text=True)
+    for dotted, value in (flags or {}).items():
+        if value is None:
+            continue
+        section, key = dotted.split(".")
+        flag = "--" + key.replace("_", "-")
+        values[section][key] = _convert(flag, fields[section][key], value)
+    return Config(**{name: cls(**values[name]) for name, cls in _SECTIONS.items()})
+
+
+def to_json(config: Config) -> bytes:
+    """Serialise a resolved configuration (handed to worker processes)."""
+    return msgspec.json.encode(config)
+
+
+def from_json(data: bytes | str) -> Config:
+    """Inverse of ``to_json``."""
+    return msgspec.json.decode(data, type=Config)

@@ -1,0 +1,119 @@
+"""The CLI, run in-process through ``main(argv)`` and once as a real subprocess."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from enrich_server.cli import main
+from tests.conftest import StoreFactory
+
+
+def test_load_then_lookup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    snapshot = tmp_path / "s.tsv.gz"
+    snapshot.write_bytes(gzip.compress(b"uid:u\ta,b\nifa:AA\tc\t4102444800\n"))
+    store = tmp_path / "store"
+    assert main(["load", str(snapshot), "--store", str(store), "--quiet"]) == 0
+    assert "loaded 2 lines" in capsys.readouterr().out
+    assert main(["lookup", "--store", str(store), "uid:u", "ifa:aa", "uid:none"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == [
+        {
+            "key": "uid:u",
+            "found": True,
+            "segments": {
+                "a": {"expires": None, "expired": False},
+                "b": {"expires": None, "expired": False},
+            },
+        },
+        {
+            "key": "ifa:aa",
+            "found": True,
+            "segments": {"c": {"expires": 4102444800, "expired": False}},
+        },
+        {"key": "uid:none", "found": False, "segments": {}},
+    ]
+
+
+def test_load_bad_line_exit_1_with_file_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    snapshot = tmp_path / "s.tsv"
+    snapshot.write_text("uid:u\ta\nuid:v\ta\tlater\n")
+    assert main(["load", str(snapshot), "--store", str(tmp_path / "store"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "nothing was applied" in err
+    assert f"{snapshot}:2: expires 'later' is not a unix time" in err
+    assert not (tmp_path / "store").exists()
+
+
+def test_lookup_bad_key_exit_2(
+    make_store: StoreFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = make_store("uid:u\ta\n")
+    assert main(["lookup", "--store", str(store), "user:u"]) == 2
+    assert "unknown namespace 'user'" in capsys.readouterr().err
+
+
+def test_stats_json(make_store: StoreFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    store = make_store("uid:u\ta,b\nuid:v\ta\ndomain:d\tc\n")
+    assert main(["stats", "--store", str(store), "--json", "--top", "2"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["identities"] == 3
+    assert stats["by_namespace"] == {"domain": 1, "uid": 2}
+    assert next(iter(stats["segment_members"].items())) == ("a", 2)
+    assert len(stats["segment_members"]) == 2
+
+
+def test_stats_text(make_store: StoreFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    store = make_store("uid:u\ta\n")
+    assert main(["stats", "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "identities   1" in out
+    assert "  uid:       1" in out
+
+
+def test_missing_store_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stats", "--store", str(tmp_path / "nope")]) == 1
+    assert "no segment store at" in capsys.readouterr().err
+
+
+def test_serve_bad_config_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[server]\nporty = 1\n")
+    assert main(["serve", "--config", str(config)]) == 2
+    assert "unknown key 'porty' in [server]" in capsys.readouterr().err
+
+
+def test_serve_missing_store_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--store", str(tmp_path / "nope")]) == 1
+    assert "no segment store at" in capsys.readouterr().err
+
+
+def test_serve_help_lists_every_environment_variable() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "enrich_server", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for variable in ("ENRICH_SERVER_PORT", "ENRICH_ENRICH_MAX_BODY", "ENRICH_SERVER_STORE"):
+        assert variable in result.stdout
+
+
+def test_load_progress_on_stderr_when_not_a_tty(tmp_path: Path) -> None:
+    snapshot = tmp_path / "s.tsv"
+    snapshot.write_text("uid:u\ta\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "enrich_server", "load", str(snapshot), "--store",
+         str(tmp_path / "store")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "load [########################] 100.0% 1 lines" in result.stderr
+    assert "\r" not in result.stderr
+    assert result.stdout.startswith("loaded 1 lines")

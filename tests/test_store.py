@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from enrich_server.errors import StoreError
+from enrich_server.store import (
+    SegmentStore,
+    StoreWriter,
+    decode_memberships,
+    encode_memberships,
+)
+from tests.conftest import StoreFactory
+
+
+def test_memberships_codec_round_trip_groups_by_expiry() -> None:
+    members = {3: 0, 1: 0, 200: 1800000000, 70000: 0, 5: 1800000000}
+    raw = encode_memberships(members)
+    assert decode_memberships(raw) == members
+    # two groups: [0, 3, 3, 1, 70000] and [1800000000, 2, 200, 5]
+    assert len(raw) < 24
+
+
+def test_resolve_reads_all_keys_in_order_deduplicated(make_store: StoreFactory) -> None:
+    store = SegmentStore(make_store("uid:u1\ta,b\ndomain:d.com\tb,c\n"))
+    resolved = store.resolve([b"uid:u1", b"uid:missing", b"domain:d.com"], now=1, limit=500)
+    assert resolved.segments_json == [b'"a"', b'"b"', b'"c"']
+    assert resolved.hits == 2
+    assert resolved.min_expires == 0
+
+
+def test_resolve_never_serves_expired(make_store: StoreFactory) -> None:
+    store = SegmentStore(make_store("uid:u1\told\t1000\nuid:u1\tlive\t3000\nuid:u1\tforever\n"))
+    at_999 = store.resolve([b"uid:u1"], now=999, limit=500)
+    assert sorted(at_999.segments_json) == [b'"forever"', b'"live"', b'"old"']
+    assert at_999.min_expires == 1000
+    at_1000 = store.resolve([b"uid:u1"], now=1000, limit=500)
+    assert sorted(at_1000.segments_json) == [b'"forever"', b'"live"']
+    assert at_1000.min_expires == 3000
+    assert store.resolve([b"uid:u1"], now=5000, limit=500).segments_json == [b'"forever"']
+
+
+def test_resolve_caps_at_limit(make_store: StoreFactory) -> None:
+    names = ",".join(f"s{i}" for i in range(20))
+    store = SegmentStore(make_store(f"uid:u\t{names}\n"))
+    assert len(store.resolve([b"uid:u"], now=0, limit=7).segments_json) == 7
+
+
+def test_resolve_escapes_segment_names_as_json(make_store: StoreFactory) -> None:
+    store = SegmentStore(make_store('uid:u\tsay "hi",back\\slash,é\n'))
+    assert store.resolve([b"uid:u"], 0, 500).segments_json == [
+        b'"say \\"hi\\""',
+        b'"back\\\\slash"',
+        '"é"'.encode(),
+    ]
+
+
+def test_reader_sees_segments_created_after_it_opened(make_store: StoreFactory) -> None:
+    path = make_store("uid:a\tfirst\n")
+    store = SegmentStore(path)
+    assert store.resolve([b"uid:a"], 0, 500).segments_json == [b'"first"']
+    store.close()  # py-lmdb allows one Environment per path per process
+    with StoreWriter(path) as writer:
+        writer.add(b"uid:b", [writer.intern("second")], 0)
+    store = SegmentStore(path)
+    assert store.resolve([b"uid:b", b"uid:a"], 0, 500).segments_json == [b'"second"', b'"first"']
+
+
+def test_writer_aborts_everything_on_exception(make_store: StoreFactory) -> None:
+    path = make_store("uid:a\tkept\n")
+
+    def write_then_fail() -> None:
+        with StoreWriter(path) as writer:
+            writer.add(b"uid:b", [writer.intern("lost")], 0)
+            writer.clear_members()
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        write_then_fail()
+    store = SegmentStore(path)
+    assert store.memberships(b"uid:a") == {"kept": 0}
+    assert store.memberships(b"uid:b") is None
+
+
+def test_writer_remove_deletes_empty_keys(make_store: StoreFactory) -> None:
+    path = make_store("uid:a\tx,y\n")
+    with StoreWriter(path) as writer:
+        x, y = writer.intern("x"), writer.intern("y")
+        assert writer.remove(b"uid:a", [x]) == 1
+        assert writer.remove(b"uid:a", [x]) == 0
+        assert writer.remove(b"uid:a", [y]) == 1
+        assert writer.remove(b"uid:zzz", [y]) == 0
+    assert SegmentStore(path).memberships(b"uid:a") is None
+
+
+def test_open_missing_store_says_how_to_build_one(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="enrich-server load"):
+        SegmentStore(tmp_path / "nope")
+
+
+def test_open_foreign_lmdb_is_refused(tmp_path: Path) -> None:
+    env = lmdb.open(str(tmp_path / "other"), max_dbs=4)
+    env.open_db(b"meta")
+    env.open_db(b"members")
+    env.open_db(b"segment_names")
+    env.close()
+    with pytest.raises(StoreError, match="not an enrich-server store"):
+        SegmentStore(tmp_path / "other")
+
+
+def test_stats_counts_namespaces_and_segments(make_store: StoreFactory) -> None:
+    stats = SegmentStore(make_store("uid:a\tx,y\nuid:b\tx\ndomain:d\tz\n")).stats()
+    assert stats.identities == 3
+    assert stats.memberships == 4
+    assert stats.segments == 3
+    assert stats.by_namespace == {"domain": 1, "uid": 2}
+    assert stats.segment_members == {"x": 2, "y": 1, "z": 1}
+    assert stats.file_bytes >= stats.data_bytes > 0
+    assert stats.built_at > 0

@@ -1,0 +1,87 @@
+"""Helpers for tests that run the real server: a free port and a ``serve`` subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2 as httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED_DIR = Path(__file__).resolve().parent / "data" / "seed"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    """A ``serve`` subprocess: its base URL, process and JSON-lines log file."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        """Everything the server logged so far."""
+        return self.log_path.read_text()
+
+
+def wait_until_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    """Poll ``/readyz`` until it answers 200; fail with the server's log if it dies or hangs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server not ready on {url} after {timeout}s:\n{log.read_text()}")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def run_server(
+    store: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 20.0
+) -> Iterator[RunningServer]:
+    """Run ``enrich-server serve`` on a free loopback port until the block ends.
+
+    Waits until ``/readyz`` answers 200, and stops the server (SIGTERM, then SIGKILL) after.
+    """
+    port = free_port()
+    command = [
+        sys.executable, "-m", "enrich_server", "serve",
+        "--store", str(store), "--host", "127.0.0.1", "--port", str(port), *args,
+    ]  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="enrich-server-log-") as folder:
+        log_path = Path(folder) / "server.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=log, env={**os.environ, **(env or {})}, cwd=ROOT
+            )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_ready(url, process, log_path, timeout)
+            yield RunningServer(url, process, log_path)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
