@@ -62,12 +62,12 @@ class EnrichEndpoint:
 
         Raises ``msgspec.DecodeError`` when the body is not JSON.
         """
-        view = decode(body)
+        request = decode(body)
         store = self.store
         if store is None:
             return NO_CACHE, EMPTY_BODY
-        user, context = request_keys(view)
-        reason = suppression_reason(view, self._policy)
+        user, context = request_keys(request)
+        reason = suppression_reason(request, self._policy)
         keys = context if reason is not None else user + context
         if not keys:
             return NO_CACHE, EMPTY_BODY

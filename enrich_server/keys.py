@@ -7,7 +7,7 @@ request normalise the same way.
 
 from __future__ import annotations
 
-from enrich_server.openrtb import RequestView
+from enrich_server.openrtb import BidRequest, eids, gpids
 
 UID = "uid"
 EID = "eid"
@@ -26,45 +26,43 @@ MAX_KEY_BYTES = 511
 _ZERO_IFA_CHARS = "0-"
 
 
-def _is_zero_ifa(ifa: str) -> bool:
-    return not ifa.strip(_ZERO_IFA_CHARS)
-
-
-def _encode(key: str) -> bytes | None:
-    raw = key.encode("utf-8", "surrogatepass")
-    return raw if len(raw) <= MAX_KEY_BYTES else None
-
-
-def request_keys(view: RequestView) -> tuple[list[bytes], list[bytes]]:
+def request_keys(request: BidRequest) -> tuple[list[bytes], list[bytes]]:
     """Return the user-level and contextual keys of a request, each in lookup order.
 
     User-level: ``uid:``, then each ``eid:<source>:<id>``, then ``ifa:`` (unless limit-ad-tracking
     is set or the id is all zeros). Contextual: ``domain:``, ``bundle:``, then each ``gpid:``.
     Empty ids and keys LMDB could not hold are skipped; duplicates are kept out.
     """
-    user: list[bytes] = []
-    if view.user_id:
-        _add(user, f"uid:{view.user_id}")
-    for source, uid in view.eids:
-        if source and uid:
-            _add(user, f"eid:{source.lower()}:{uid}")
-    ifa = view.ifa
-    if ifa and view.lmt != 1 and not _is_zero_ifa(ifa):
-        _add(user, f"ifa:{ifa.lower()}")
+    user_keys: list[bytes] = []
+    user = request.user
+    if user is not None:
+        if user.id:
+            _add(user_keys, "uid:" + user.id)
+        for source, uid in eids(user):
+            _add(user_keys, f"eid:{source.lower()}:{uid}")
+    device = request.device
+    if device is not None:
+        ifa = device.ifa
+        if ifa and device.lmt != 1 and ifa.strip(_ZERO_IFA_CHARS):
+            _add(user_keys, "ifa:" + ifa.lower())
     context: list[bytes] = []
-    if view.domain:
-        _add(context, f"domain:{view.domain.lower()}")
-    if view.bundle:
-        _add(context, f"bundle:{view.bundle}")
-    for gpid in view.gpids:
-        if gpid:
-            _add(context, f"gpid:{gpid}")
-    return user, context
+    site = request.site
+    if site is not None and site.domain:
+        _add(context, "domain:" + site.domain.lower())
+    app = request.app
+    if app is not None and app.bundle:
+        _add(context, "bundle:" + app.bundle)
+    for gpid in gpids(request.imp):
+        _add(context, "gpid:" + gpid)
+    return user_keys, context
 
 
 def _add(keys: list[bytes], key: str) -> None:
-    raw = _encode(key)
-    if raw is not None and raw not in keys:
+    try:
+        raw = key.encode()
+    except UnicodeEncodeError:  # a lone surrogate: no stored key can match it
+        return
+    if len(raw) <= MAX_KEY_BYTES and raw not in keys:
         keys.append(raw)
 
 
@@ -89,7 +87,7 @@ def parse_key(text: str) -> bytes:
         ident = f"{source.lower()}:{uid}"
     elif namespace in (IFA, DOMAIN):
         ident = ident.lower()
-    raw = _encode(f"{namespace}:{ident}")
-    if raw is None:
+    raw = f"{namespace}:{ident}".encode()
+    if len(raw) > MAX_KEY_BYTES:
         raise ValueError(f"key is longer than {MAX_KEY_BYTES} bytes")
     return raw

@@ -11,10 +11,10 @@ building objects for it. Two decoding paths:
   Leaves are converted with ``strict=False`` so ``"coppa": "1"`` still counts as a privacy
   signal instead of being silently lost.
 
-``view()`` reconciles fields that moved between OpenRTB versions (``imp.gpid``/``imp.ext.gpid``,
-``regs.gdpr``/``regs.ext.gdpr``, ``regs.us_privacy``/``regs.ext.us_privacy``,
-``user.consent``/``user.ext.consent``, ``user.eids``/``user.ext.eids``); the top-level
-placement wins when both are present.
+The accessors at the end reconcile fields that moved between OpenRTB versions
+(``imp.gpid``/``imp.ext.gpid``, ``regs.gdpr``/``regs.ext.gdpr``,
+``regs.us_privacy``/``regs.ext.us_privacy``, ``user.consent``/``user.ext.consent``,
+``user.eids``/``user.ext.eids``); the top-level placement wins when both are present.
 """
 
 from __future__ import annotations
@@ -93,93 +93,81 @@ class BidRequest(msgspec.Struct):
     imp: list[Imp] | None = None
 
 
-class RequestView(msgspec.Struct, gc=False):
-    """The reconciled fields of one request: what keys and privacy read."""
-
-    user_id: str | None = None
-    eids: list[tuple[str, str]] = []
-    ifa: str | None = None
-    lmt: int | None = None
-    domain: str | None = None
-    bundle: str | None = None
-    gpids: list[str] = []
-    coppa: int | None = None
-    gdpr: int | None = None
-    us_privacy: str | None = None
-    consent: str | None = None
-    gpp: str | None = None
-    gpp_sid: list[int] | None = None
-
-
 _TYPED: Final = msgspec.json.Decoder(BidRequest)
 # float_hook: a number past float range (1e400) becomes inf instead of failing the decode.
 _UNTYPED: Final = msgspec.json.Decoder(float_hook=float)
 _DROP: Final = object()
 
 
-def decode(body: bytes) -> RequestView:
-    """Decode a request body into its view.
+def decode(body: bytes) -> BidRequest:
+    """Decode a request body.
 
     Raises ``msgspec.DecodeError`` when the body is not JSON at all, and ``RecursionError``
     when it nests deeper than the decoder goes; every other oddity is tolerated.
     """
     try:
-        request = _TYPED.decode(body)
+        return _TYPED.decode(body)
     except msgspec.ValidationError:
         converted = _lenient(_UNTYPED.decode(body), BidRequest)
-        request = converted if isinstance(converted, BidRequest) else BidRequest()
-    return view(request)
+        return converted if isinstance(converted, BidRequest) else BidRequest()
 
 
-def view(request: BidRequest) -> RequestView:
-    """Reconcile moved fields and flatten the request into a ``RequestView``."""
-    out = RequestView()
-    user = request.user
-    if user is not None:
-        out.user_id = user.id
-        consent = user.consent
-        eid_lists = [user.eids]
-        if user.ext is not None:
-            if consent is None:
-                consent = user.ext.consent
-            eid_lists.append(user.ext.eids)
-        out.consent = consent
-        pairs: list[tuple[str, str]] = []
-        for eids in eid_lists:
-            if eids:
-                for eid in eids:
-                    if eid.source and eid.uids:
-                        pairs.extend((eid.source, uid.id) for uid in eid.uids if uid.id)
-        out.eids = pairs
-    device = request.device
-    if device is not None:
-        out.ifa = device.ifa
-        out.lmt = device.lmt
-    if request.site is not None:
-        out.domain = request.site.domain
-    if request.app is not None:
-        out.bundle = request.app.bundle
-    regs = request.regs
-    if regs is not None:
-        out.coppa = regs.coppa
-        out.gdpr = regs.gdpr
-        out.us_privacy = regs.us_privacy
-        out.gpp = regs.gpp
-        out.gpp_sid = regs.gpp_sid
-        if regs.ext is not None:
-            if out.gdpr is None:
-                out.gdpr = regs.ext.gdpr
-            if out.us_privacy is None:
-                out.us_privacy = regs.ext.us_privacy
-    if request.imp:
-        gpids: list[str] = []
-        for imp in request.imp:
+# Moved fields, reconciled: the top-level placement wins when both are present.
+
+
+def gdpr(regs: Regs | None) -> int | None:
+    """``regs.gdpr``, else ``regs.ext.gdpr``."""
+    if regs is None:
+        return None
+    if regs.gdpr is None and regs.ext is not None:
+        return regs.ext.gdpr
+    return regs.gdpr
+
+
+def us_privacy(regs: Regs | None) -> str | None:
+    """``regs.us_privacy``, else ``regs.ext.us_privacy``."""
+    if regs is None:
+        return None
+    if regs.us_privacy is None and regs.ext is not None:
+        return regs.ext.us_privacy
+    return regs.us_privacy
+
+
+def consent(user: User | None) -> str | None:
+    """``user.consent``, else ``user.ext.consent`` (the TCF string)."""
+    if user is None:
+        return None
+    if user.consent is None and user.ext is not None:
+        return user.ext.consent
+    return user.consent
+
+
+def eids(user: User | None) -> list[tuple[str, str]]:
+    """``(source, id)`` of every non-empty uid in ``user.eids``, then ``user.ext.eids``."""
+    pairs: list[tuple[str, str]] = []
+    if user is None:
+        return pairs
+    for group in (user.eids, user.ext.eids if user.ext is not None else None):
+        if group:
+            for eid in group:
+                source = eid.source
+                if source and eid.uids:
+                    for uid in eid.uids:
+                        if uid.id:
+                            pairs.append((source, uid.id))
+    return pairs
+
+
+def gpids(imps: list[Imp] | None) -> list[str]:
+    """Distinct non-empty ``imp.gpid`` (else ``imp.ext.gpid``) values, in imp order."""
+    out: list[str] = []
+    if imps:
+        for imp in imps:
             gpid = imp.gpid
             if gpid is None and imp.ext is not None:
                 gpid = imp.ext.gpid
-            if gpid and gpid not in gpids:
-                gpids.append(gpid)
-        out.gpids = gpids
+            if gpid and gpid not in out:
+                out.append(gpid)
     return out
 
 

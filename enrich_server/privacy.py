@@ -1,6 +1,6 @@
 """Privacy policy: whether a request may receive user-level segments at all.
 
-Pure functions over a ``RequestView``. Contextual segments (``domain:``, ``bundle:``,
+Pure functions over a decoded ``BidRequest``. Contextual segments (``domain:``, ``bundle:``,
 ``gpid:``) are never affected: they describe the page, not the person.
 
 | signal | effect |
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from enrich_server.openrtb import RequestView
+from enrich_server.openrtb import BidRequest, consent, gdpr, us_privacy
 
 COPPA: Final = "coppa"
 US_PRIVACY: Final = "us_privacy"
@@ -38,18 +38,21 @@ class PrivacyPolicy:
     require_gdpr_consent: bool = True
 
 
-def suppression_reason(view: RequestView, policy: PrivacyPolicy) -> str | None:
+def suppression_reason(request: BidRequest, policy: PrivacyPolicy) -> str | None:
     """Return why user-level segments must be withheld, or ``None`` when they may be served."""
-    if policy.honour_coppa and view.coppa == 1:
+    regs = request.regs
+    if regs is None:
+        return None  # no regulation signal at all: the common case, decided at once
+    if policy.honour_coppa and regs.coppa == 1:
         return COPPA
-    us_privacy = view.us_privacy
+    usp = us_privacy(regs)
     if (
         policy.honour_us_privacy
-        and us_privacy is not None
-        and len(us_privacy) > _US_PRIVACY_OPT_OUT_INDEX
-        and us_privacy[_US_PRIVACY_OPT_OUT_INDEX] in "Yy"
+        and usp is not None
+        and len(usp) > _US_PRIVACY_OPT_OUT_INDEX
+        and usp[_US_PRIVACY_OPT_OUT_INDEX] in "Yy"
     ):
         return US_PRIVACY
-    if policy.require_gdpr_consent and view.gdpr == 1 and not view.consent:
+    if policy.require_gdpr_consent and gdpr(regs) == 1 and not consent(request.user):
         return GDPR_NO_CONSENT
     return None

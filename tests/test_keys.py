@@ -1,9 +1,15 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from enrich_server.keys import MAX_KEY_BYTES, parse_key, request_keys
-from enrich_server.openrtb import RequestView, decode
+from enrich_server.openrtb import decode
+
+
+def keys_of(request: object) -> tuple[list[bytes], list[bytes]]:
+    return request_keys(decode(json.dumps(request).encode()))
 
 
 def test_request_keys_seed_app_in_order(seed_bodies: dict[str, bytes]) -> None:
@@ -18,35 +24,53 @@ def test_request_keys_seed_app_in_order(seed_bodies: dict[str, bytes]) -> None:
 
 
 def test_request_keys_web_has_domain_lowercased() -> None:
-    _, context = request_keys(RequestView(domain="Example.COM"))
-    assert context == [b"domain:example.com"]
+    assert keys_of({"site": {"domain": "Example.COM"}}) == ([], [b"domain:example.com"])
 
 
 @pytest.mark.parametrize(
-    ("ifa", "lmt", "expected"),
+    ("device", "expected"),
     [
-        pytest.param("AAAA-bbbb", 0, [b"ifa:aaaa-bbbb"], id="lowercased"),
-        pytest.param("aaaa-bbbb", None, [b"ifa:aaaa-bbbb"], id="no-lmt"),
-        pytest.param("aaaa-bbbb", 1, [], id="lmt"),
-        pytest.param("00000000-0000-0000-0000-000000000000", 0, [], id="all-zeros"),
-        pytest.param("", 0, [], id="empty"),
+        pytest.param({"ifa": "AAAA-bbbb", "lmt": 0}, [b"ifa:aaaa-bbbb"], id="lowercased"),
+        pytest.param({"ifa": "aaaa-bbbb"}, [b"ifa:aaaa-bbbb"], id="no-lmt"),
+        pytest.param({"ifa": "aaaa-bbbb", "lmt": 1}, [], id="lmt"),
+        pytest.param({"ifa": "00000000-0000-0000-0000-000000000000"}, [], id="all-zeros"),
+        pytest.param({"ifa": ""}, [], id="empty"),
     ],
 )
-def test_request_keys_ifa_rules(ifa: str, lmt: int | None, expected: list[bytes]) -> None:
-    user, _ = request_keys(RequestView(ifa=ifa, lmt=lmt))
-    assert user == expected
+def test_request_keys_ifa_rules(device: dict[str, object], expected: list[bytes]) -> None:
+    assert keys_of({"device": device}) == (expected, [])
 
 
 def test_request_keys_skip_empty_and_duplicate_ids() -> None:
-    view = RequestView(user_id="", eids=[("a.com", "1"), ("A.com", "1"), ("", "2")], bundle="")
-    user, context = request_keys(view)
-    assert user == [b"eid:a.com:1"]
-    assert context == []
+    request = {
+        "user": {
+            "id": "",
+            "eids": [
+                {"source": "a.com", "uids": [{"id": "1"}]},
+                {"source": "A.com", "uids": [{"id": "1"}]},
+                {"source": "", "uids": [{"id": "2"}]},
+            ],
+        },
+        "app": {"bundle": ""},
+    }
+    assert keys_of(request) == ([b"eid:a.com:1"], [])
 
 
 def test_request_keys_skip_keys_lmdb_cannot_hold() -> None:
-    user, _ = request_keys(RequestView(user_id="x" * MAX_KEY_BYTES, ifa="ok"))
-    assert user == [b"ifa:ok"]
+    request = {"user": {"id": "x" * MAX_KEY_BYTES}, "device": {"ifa": "ok"}}
+    assert keys_of(request) == ([b"ifa:ok"], [])
+
+
+def test_request_keys_contextual_order() -> None:
+    request = {
+        "site": {"domain": "d.com"},
+        "app": {"bundle": "com.App"},
+        "imp": [{"gpid": "/1/a"}, {"ext": {"gpid": "/1/b"}}],
+    }
+    assert keys_of(request) == (
+        [],
+        [b"domain:d.com", b"bundle:com.App", b"gpid:/1/a", b"gpid:/1/b"],
+    )
 
 
 @pytest.mark.parametrize(
