@@ -86,3 +86,9 @@ def test_every_option_documented() -> None:
     for key, env, _, doc in options():
         assert env == "ENRICH_" + key.replace(".", "_").upper()
         assert len(doc) > 10
+
+
+def test_shipped_example_config_loads() -> None:
+    config = load_config(Path(__file__).resolve().parent.parent / "deploy" / "enrich-server.toml")
+    assert config.server.store == "/var/lib/enrich-server/segments.lmdb"
+    assert config.enrich.path == "/enrich"
