@@ -25,6 +25,7 @@ from pathlib import Path
 from bench.synth import cached_store, sample_keys
 from enrich_server.config import load_config
 from enrich_server.enrich import EMPTY_BODY, EnrichEndpoint
+from enrich_server.guard import LoadGuard
 from enrich_server.keys import request_keys
 from enrich_server.openrtb import decode
 from enrich_server.privacy import PrivacyPolicy
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     store_path = cached_store(args.identities, args.cache, progress=sys.stderr.isatty())
-    endpoint = EnrichEndpoint(load_config().enrich, PrivacyPolicy())
+    endpoint = EnrichEndpoint(load_config().enrich, PrivacyPolicy(), LoadGuard(0))
     store = SegmentStore(store_path)
     endpoint.store = store
     identities = store.identity_count()

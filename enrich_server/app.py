@@ -7,6 +7,7 @@ app, whose lifespan opens the store in each worker after the fork.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -22,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from enrich_server import config as config_module
 from enrich_server.config import Config
 from enrich_server.enrich import EnrichEndpoint
+from enrich_server.guard import LoadGuard
 from enrich_server.log import setup_logging
 from enrich_server.privacy import PrivacyPolicy
 from enrich_server.store import SegmentStore
@@ -49,13 +51,15 @@ class EnrichServer:
 
 def create_app(config: Config) -> EnrichServer:
     """Build the application for ``config``; the store opens when the lifespan starts."""
-    endpoint = EnrichEndpoint(config.enrich, PrivacyPolicy())
+    guard = LoadGuard(config.enrich.guard_lag_ms / 1000)
+    endpoint = EnrichEndpoint(config.enrich, PrivacyPolicy(), guard)
     store_path = Path(config.server.store)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         store = SegmentStore(store_path)
         endpoint.store = store
+        guard.start(asyncio.get_running_loop())
         log.info(
             "store opened",
             extra={
@@ -67,6 +71,7 @@ def create_app(config: Config) -> EnrichServer:
         try:
             yield
         finally:
+            guard.stop()
             endpoint.store = None
             store.close()
 

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import msgspec
 import uvicorn
+import uvloop
 
 from enrich_server import __version__
 from enrich_server.app import CONFIG_HANDOFF_VARIABLE
-from enrich_server.config import EXAMPLE_STORE, load_config, options, to_json
+from enrich_server.check import format_report, parse_target, read_bodies, run_check
+from enrich_server.config import EXAMPLE_STORE, SAMPLES_DIR, load_config, options, to_json
 from enrich_server.errors import ConfigError, EnrichError, SnapshotError
 from enrich_server.keys import NAMESPACES, parse_key
 from enrich_server.log import setup_logging
@@ -101,6 +103,32 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--store", type=Path, default=EXAMPLE_STORE, help="store directory")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.add_argument("--top", type=int, default=20, help="segments listed (default 20)")
+
+    check = commands.add_parser(
+        "check",
+        help="would Index's circuit breaker trip on an endpoint?",
+        description="Send a bounded, open-loop stream of real request bodies to URL at a fixed "
+        "rate and report status codes, latency percentiles (measured from each request's due "
+        "time) and the share of calls over 5 ms, with a verdict: Index throttles a partner on "
+        "any 4xx/5xx or when more than 5%% of calls exceed 5 ms. Exit code 1 when it would trip.",
+    )
+    check.add_argument("url", metavar="URL", help="e.g. http://127.0.0.1:8080/enrich")
+    check.add_argument("--rate", type=float, default=200.0, help="requests per second (200)")
+    check.add_argument("--duration", type=float, default=10.0, help="seconds to send (10)")
+    check.add_argument("--connections", type=int, default=32, help="connection pool (32)")
+    check.add_argument("--timeout", type=float, default=1.0, help="per-request timeout, s (1)")
+    check.add_argument(
+        "--bodies",
+        type=Path,
+        nargs="+",
+        default=[SAMPLES_DIR],
+        help="request bodies: .json files, directories of them, or files with one body a "
+        "line (default: the seed's sample requests)",
+    )
+    check.add_argument(
+        "--header", action="append", default=[], metavar="'NAME: VALUE'", help="extra header"
+    )
+    check.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -114,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _load(args)
         if args.command == "lookup":
             return _lookup(args)
+        if args.command == "check":
+            return _check(args)
         return _stats(args)
     except ConfigError as exc:
         print(f"enrich-server: configuration error: {exc}", file=sys.stderr)
@@ -222,6 +252,32 @@ def _stats(args: argparse.Namespace) -> int:
     for name, count in top.items():
         print(f"  {count:>12,}  {name}")
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        target = parse_target(args.url, args.header)
+        bodies = read_bodies(args.bodies)
+        if args.rate <= 0 or args.duration <= 0 or args.connections < 1:
+            raise ValueError("--rate, --duration and --connections must be positive")
+        result = uvloop.run(
+            run_check(
+                target,
+                bodies,
+                rate=args.rate,
+                duration=args.duration,
+                connections=args.connections,
+                timeout=args.timeout,
+            )
+        )
+    except (ValueError, OSError) as exc:
+        print(f"enrich-server: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(msgspec.json.encode(result.to_dict()).decode())
+    else:
+        print(format_report(result, args.url))
+    return EXIT_FAILED if result.trips_breaker() else 0
 
 
 def _age(seconds: int) -> str:

@@ -20,6 +20,8 @@ from enrich_server.errors import ConfigError
 
 #: The demo store bundled at the repository root (``make run`` serves it).
 EXAMPLE_STORE: Final = Path(__file__).resolve().parent.parent / "segments.lmdb.example"
+#: The seed's sample requests, shipped with the package (``check`` sends them by default).
+SAMPLES_DIR: Final = Path(__file__).resolve().parent / "samples"
 ENV_PREFIX: Final = "ENRICH_"
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
@@ -70,6 +72,11 @@ class EnrichConfig:
     max_body: int = _opt(
         1048576, "largest request body accepted (bytes); larger gets 413", _positive
     )
+    guard_lag_ms: float = _opt(
+        2.0,
+        "answer empty at once while the event loop lags more than this (ms); 0 = never",
+        _not_negative,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +103,13 @@ def options() -> list[tuple[str, str, Any, str]]:
 def _convert(where: str, f: dataclasses.Field[Any], value: Any, text: bool = False) -> Any:
     """Check ``value`` for field ``f``; ``text`` values (environment) are parsed first."""
     kind = type(f.default)
-    if text and kind is int:
+    if text and kind in (int, float):
         try:
-            value = int(value)
+            value = kind(value)
         except ValueError:
-            raise ConfigError(f"{where}: {value!r} is not an integer") from None
+            raise ConfigError(f"{where}: {value!r} is not a number") from None
+    if kind is float and type(value) is int:
+        value = float(value)
     if type(value) is not kind:
         raise ConfigError(f"{where}: expected {kind.__name__}, got {type(value).__name__}")
     check = f.metadata["check"]

@@ -17,6 +17,7 @@ import msgspec
 from starlette.types import Message, Receive, Scope, Send
 
 from enrich_server.config import EnrichConfig
+from enrich_server.guard import LoadGuard
 from enrich_server.keys import request_keys
 from enrich_server.openrtb import decode
 from enrich_server.privacy import PrivacyPolicy, suppression_reason
@@ -43,8 +44,11 @@ log = logging.getLogger(__name__)
 class EnrichEndpoint:
     """The enrichment endpoint; ``store`` is attached per worker once it is open."""
 
-    def __init__(self, config: EnrichConfig, policy: PrivacyPolicy) -> None:
+    def __init__(self, config: EnrichConfig, policy: PrivacyPolicy, guard: LoadGuard) -> None:
         self.store: SegmentStore | None = None
+        self.guard = guard
+        #: Requests answered empty by the overload guard (a plain int: no cost per request).
+        self.shed_total = 0
         self._policy = policy
         self._max_body = config.max_body
         self._max_age = config.max_age
@@ -87,6 +91,11 @@ class EnrichEndpoint:
             await _send_error(send, 405, "use POST", [(b"allow", b"POST")])
             return
         message = await receive()
+        if self.guard.shedding and not message.get("more_body", False):
+            self.shed_total += 1
+            await send(self._empty_start)
+            await send(self._empty_body)
+            return
         body: bytes = message.get("body", b"")
         if message.get("more_body", False):
             chunks = [body]

@@ -62,7 +62,7 @@ def test_missing_file(tmp_path: Path) -> None:
     ("environ", "message"),
     [
         ({"ENRICH_SERVER_PROT": "1"}, "unknown environment variable ENRICH_SERVER_PROT"),
-        ({"ENRICH_SERVER_PORT": "eighty"}, "ENRICH_SERVER_PORT: 'eighty' is not an integer"),
+        ({"ENRICH_SERVER_PORT": "eighty"}, "ENRICH_SERVER_PORT: 'eighty' is not a number"),
         ({"ENRICH_ENRICH_MAX_AGE": "-1"}, "ENRICH_ENRICH_MAX_AGE: -1 must not be negative"),
     ],
 )
