@@ -6,7 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help venv run test lint typecheck pytest example-store bench-micro clean
+.PHONY: help venv run test lint typecheck pytest example-store bench bench-quick bench-micro \
+	bench-deps clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -22,7 +23,7 @@ venv: $(STAMP) ## create .venv and install the project (done by every target tha
 run: $(STAMP) ## serve the bundled example store on http://127.0.0.1:8080
 	$(BIN)/enrich-server serve
 
-test: lint typecheck pytest ## ruff, mypy --strict and the whole pytest suite
+test: lint typecheck pytest ## ruff, mypy --strict and the whole pytest suite (with bench smoke runs)
 
 lint: $(STAMP) ## ruff check and format check
 	$(BIN)/ruff check .
@@ -31,7 +32,7 @@ lint: $(STAMP) ## ruff check and format check
 typecheck: $(STAMP) ## mypy --strict over the package, tests and benchmarks
 	$(BIN)/mypy
 
-pytest: $(STAMP) ## the test suite alone
+pytest: $(STAMP) bench-deps ## the test suite alone
 	$(BIN)/pytest
 
 example-store: $(STAMP) ## rebuild segments.lmdb.example from segments.example.tsv
@@ -39,8 +40,21 @@ example-store: $(STAMP) ## rebuild segments.lmdb.example from segments.example.t
 	$(BIN)/enrich-server load segments.example.tsv --store segments.lmdb.example --quiet
 	rm -f segments.lmdb.example/lock.mdb
 
+bench-deps: ## install Debian's wrk and redis-server when missing (root) for bench/ and its smoke tests
+	@command -v wrk >/dev/null && command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk redis-server; \
+	  else echo "bench needs Debian's wrk and redis-server: install them or run as root" >&2; exit 1; fi; }
+
+bench: $(STAMP) bench-deps ## full load benchmark (< 10 min): ceiling vs enrich vs FastAPI+Redis
+	$(BIN)/python -m bench.load --profile full
+	$(BIN)/python -m bench.micro
+
+bench-quick: $(STAMP) bench-deps ## the same, shorter (< 2 min)
+	$(BIN)/python -m bench.load --profile quick
+
 bench-micro: $(STAMP) ## in-process app work per request (decode + lookups + encode), 1M-identity store
-	$(BIN)/python bench/micro.py
+	$(BIN)/python -m bench.micro
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench/.cache

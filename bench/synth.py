@@ -60,15 +60,22 @@ def write_snapshot(path: Path, identities: int, seed: int = 1) -> None:
         out.write((ROOT / "segments.example.tsv").read_text())
 
 
+def cached_snapshot(identities: int, cache: Path) -> Path:
+    """The synthetic snapshot of ``identities`` identities, written once and kept."""
+    snapshot = cache / f"snapshot-{identities}.tsv"
+    if not snapshot.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = snapshot.with_suffix(".partial")
+        write_snapshot(partial, identities)
+        partial.rename(snapshot)
+    return snapshot
+
+
 def cached_store(identities: int, cache: Path, progress: bool = True) -> Path:
     """A store of ``identities`` synthetic identities (plus the seed's), built once and kept."""
     store = cache / f"store-{identities}"
     if not (store / "data.mdb").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        snapshot = cache / f"snapshot-{identities}.tsv"
-        write_snapshot(snapshot, identities)
-        load_snapshots([snapshot], store, progress=progress)
-        snapshot.unlink()
+        load_snapshots([cached_snapshot(identities, cache)], store, progress=progress)
     return store
 
 

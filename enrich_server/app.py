@@ -72,6 +72,7 @@ def create_app(config: Config) -> EnrichServer:
             yield
         finally:
             guard.stop()
+            log.info("worker stopping", extra={"pid": os.getpid(), "shed": endpoint.shed_total})
             endpoint.store = None
             store.close()
 

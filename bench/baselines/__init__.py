@@ -1,0 +1,1 @@
+"""Baselines enrich-server is benchmarked against: a do-nothing ASGI ceiling and FastAPI + Redis."""
