@@ -77,6 +77,29 @@ def decode_memberships(raw: bytes | memoryview) -> dict[int, int]:
     return out
 
 
+def _live(flat: list[int], now: int, min_expires: int) -> tuple[list[int], int]:
+    """The segment ids of a decoded value whose memberships are live at ``now``, and
+    ``min_expires`` lowered to their earliest expiry.
+
+    An expiry counts even when its segments turn out to be duplicates: a max-age can only
+    come out shorter, never longer, than it should.
+    """
+    live: list[int] = []
+    i = 0
+    size = len(flat)
+    while i < size:
+        expires = flat[i]
+        start = i + 2
+        i = start + flat[i + 1]
+        if expires:
+            if expires <= now:
+                continue
+            if not min_expires or expires < min_expires:
+                min_expires = expires
+        live += flat[start:i]
+    return live, min_expires
+
+
 def _check_store_dir(path: Path) -> None:
     if not (path / DATA_FILE).is_file():
         raise StoreError(
@@ -153,9 +176,11 @@ class SegmentStore:
 
         Memberships that expired at or before ``now`` are skipped. One read transaction.
         The per-segment work (dedupe, cap, name lookup) runs in C (``dict.fromkeys``,
-        ``map``); Python only loops over keys and expiry groups.
+        ``map``), and is skipped when it cannot matter: one value never repeats a segment,
+        so a request whose segments all come from one key needs no dedupe.
         """
-        sids: list[int] = []
+        sids: list[int] | None = None
+        several = False
         min_expires = 0
         hits = 0
         txn = self._begin()
@@ -168,32 +193,30 @@ class SegmentStore:
                     continue
                 hits += 1
                 flat = decode(raw)
-                i = 0
-                size = len(flat)
-                while i < size:
-                    expires = flat[i]
-                    start = i + 2
-                    i = start + flat[i + 1]
-                    if expires:
-                        if expires <= now:
-                            continue
-                        # Counted even if every segment of the group is a duplicate: a
-                        # max-age can only come out shorter, never longer, than it should.
-                        if not min_expires or expires < min_expires:
-                            min_expires = expires
-                    sids += flat[start:i]
+                if flat[1] + 2 == len(flat) and not flat[0]:
+                    del flat[:2]  # one group that never expires: the common shape
+                    live = flat
+                else:
+                    live, min_expires = _live(flat, now, min_expires)
+                if sids is None:
+                    sids = live
+                elif live:
+                    sids += live
+                    several = True
             if not sids:
                 return Resolved([], min_expires, hits)
-            unique = list(dict.fromkeys(sids))
-            if len(unique) > limit:
-                del unique[limit:]
-            names = self._json_names
-            top = max(unique)
-            if top >= len(names):
-                self._load_names(txn, top)
+            if several:
+                sids = list(dict.fromkeys(sids))
+            if len(sids) > limit:
+                del sids[limit:]
+            try:
+                named = list(map(self._json_names.__getitem__, sids))
+            except IndexError:  # a segment created since this worker last looked
+                self._load_names(txn, max(sids))
+                named = list(map(self._json_names.__getitem__, sids))
         finally:
             txn.abort()
-        return Resolved(list(map(names.__getitem__, unique)), min_expires, hits)
+        return Resolved(named, min_expires, hits)
 
     def memberships(self, key: bytes) -> dict[str, int] | None:
         """All memberships of ``key`` (expired ones included) as ``{segment: expires}``."""

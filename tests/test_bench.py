@@ -6,13 +6,16 @@ keep working and measure what they claim to.
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from bench.synth import sample_keys, snapshot_lines
-from tests.utils import ROOT
+from enrich_server.config import EXAMPLE_STORE
+from tests.utils import ROOT, run_server
 
 
 def test_synth_snapshot_is_deterministic_and_loadable(tmp_path: Path) -> None:
@@ -40,3 +43,40 @@ def test_micro_bench_runs(tmp_path: Path) -> None:
         for part in ("total", "decode", "keys", "lookup"):
             assert 0 < row[f"{part}_us_min"] <= row[f"{part}_us_median"]
         assert (row["segments"] > 0) == (row["case"] != "miss")
+
+
+def test_load_bench_smoke_profile_writes_results(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.load", "--profile", "smoke", "--out", str(out),
+         "--cache", str(tmp_path / "cache")],
+        capture_output=True, text=True, check=False, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "load-smoke.json").read_text())
+    throughput = report["throughput"]
+    assert set(throughput["median_rps"]) == {"ceiling", "enrich", "alternative"}
+    assert all(rps > 0 for rps in throughput["median_rps"].values())
+    assert throughput["enrich_over_ceiling"] > 0
+    enrich_points = [p for p in report["latency"] if p["server"] == "enrich"]
+    assert enrich_points
+    assert enrich_points[0]["status"] == {"200": enrich_points[0]["completed"]}
+    assert {p["guard_lag_ms"] for p in report["overload"]} == {2.0, 0.0}
+    assert "| enrich |" in (out / "load-smoke.md").read_text()
+    assert (out / "load-smoke.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_locust_scenario_runs_headless(tmp_path: Path) -> None:
+    with run_server(EXAMPLE_STORE) as server:
+        result = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", str(ROOT / "bench" / "locustfile.py"),
+             "--headless", "--host", server.url, "--csv", str(tmp_path / "run"),
+             "--run-time", "4s", "--only-summary"],
+            capture_output=True, text=True, check=False, cwd=ROOT, timeout=120,
+            env={**os.environ, "ENRICH_LOCUST_STEP_S": "1"},
+        )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = list(csv.DictReader((tmp_path / "run_stats.csv").read_text().splitlines()))
+    enrich = next(row for row in rows if row["Name"] == "/enrich")
+    assert int(enrich["Request Count"]) > 50
+    assert int(enrich["Failure Count"]) == 0
