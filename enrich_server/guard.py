@@ -7,8 +7,11 @@ every answer gets late. While the loop lags past a budget, answering "nothing kn
 backlog drains and latency stays bounded; Index simply asks again for that user later.
 
 Lag is measured by a timer that should fire every ``interval`` seconds: how late it fires is
-how long a request arriving now waits behind the work already queued in the loop. The check
-on the hot path is one attribute read.
+how long a request arriving now waits behind the work already queued in the loop. Shedding
+starts only when two ticks in a row are late: a single stall (a GC pass, a noisy neighbour
+stealing the CPU) delays the requests of that moment whatever we do, and answering them
+properly costs little more than shedding them; a backlog shows up as lag that persists.
+The check on the hot path is one attribute read.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class LoadGuard:
         self.interval = interval
         self.shedding = False
         self.lag = 0.0
+        self._previous_lag = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._due = 0.0
@@ -51,7 +55,7 @@ class LoadGuard:
     def _tick(self) -> None:
         assert self._loop is not None
         now = self._loop.time()
-        self.lag = now - self._due
-        self.shedding = self.lag > self.budget
+        self._previous_lag, self.lag = self.lag, now - self._due
+        self.shedding = self.lag > self.budget and self._previous_lag > self.budget
         self._due = now + self.interval
         self._timer = self._loop.call_at(self._due, self._tick)

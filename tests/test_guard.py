@@ -12,16 +12,19 @@ from enrich_server.guard import LoadGuard
 from tests.conftest import StoreFactory
 
 
-def test_guard_sheds_while_the_loop_is_blocked_then_recovers() -> None:
+def test_guard_sheds_while_the_loop_stays_behind_then_recovers() -> None:
     async def scenario() -> list[bool]:
         guard = LoadGuard(budget=0.005, interval=0.001)
         guard.start(asyncio.get_running_loop())
         seen = []
         await asyncio.sleep(0.02)
         seen.append(guard.shedding)  # idle: no lag
-        time.sleep(0.03)  # a 30 ms stall of the loop
+        time.sleep(0.03)  # one 30 ms stall: a hiccup, not a backlog
         # The next loop iteration runs the late timer before resuming us, just as it runs
         # before the requests that queued up during the stall.
+        await asyncio.sleep(0)
+        seen.append(guard.shedding)
+        time.sleep(0.03)  # still behind on the next tick: a backlog
         await asyncio.sleep(0)
         seen.append(guard.shedding)
         await asyncio.sleep(0.02)
@@ -29,7 +32,7 @@ def test_guard_sheds_while_the_loop_is_blocked_then_recovers() -> None:
         guard.stop()
         return seen
 
-    assert uvloop.run(scenario()) == [False, True, False]
+    assert uvloop.run(scenario()) == [False, False, True, False]
 
 
 def test_guard_disabled_with_zero_budget() -> None:

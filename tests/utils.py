@@ -62,6 +62,8 @@ def run_server(
     """Run ``enrich-server serve`` on a free loopback port until the block ends.
 
     Waits until ``/readyz`` answers 200, and stops the server (SIGTERM, then SIGKILL) after.
+    The overload guard is off unless ``env`` sets it: these tests assert exact answers, and
+    on a shared VM the CPU can be taken away long enough to look like overload.
     """
     port = free_port()
     command = [
@@ -72,7 +74,11 @@ def run_server(
         log_path = Path(folder) / "server.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                command, stdout=log, stderr=log, env={**os.environ, **(env or {})}, cwd=ROOT
+                command,
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "ENRICH_ENRICH_GUARD_LAG_MS": "0", **(env or {})},
+                cwd=ROOT,
             )
         url = f"http://127.0.0.1:{port}"
         try:
