@@ -23,14 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.synth import cached_store, sample_keys
-from enrich_server.config import load_config
+from enrich_server.config import SAMPLES_DIR, load_config
 from enrich_server.enrich import EMPTY_BODY, EnrichEndpoint
 from enrich_server.guard import LoadGuard
 from enrich_server.keys import request_keys
 from enrich_server.openrtb import decode
 from enrich_server.privacy import PrivacyPolicy
 from enrich_server.store import SegmentStore
-from tests.utils import SEED_DIR
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -49,7 +48,7 @@ def _body_for(key: str) -> bytes:
 
 def cases(identities: int) -> dict[str, bytes]:
     """Request bodies by case name: the seed samples, a synthetic hit and a miss."""
-    bodies = {f"seed_{p.stem}": p.read_bytes() for p in sorted(SEED_DIR.glob("*.json"))}
+    bodies = {f"seed_{p.stem}": p.read_bytes() for p in sorted(SAMPLES_DIR.glob("*.json"))}
     bodies["synthetic_hit"] = _body_for(sample_keys(identities, 3)[1])
     bodies["miss"] = json.dumps({"user": {"id": "not-in-the-store"}}).encode()
     return bodies

@@ -91,7 +91,7 @@ class EnrichEndpoint:
             await _send_error(send, 405, "use POST", [(b"allow", b"POST")])
             return
         message = await receive()
-        if self.guard.shedding and not message.get("more_body", False):
+        if not message.get("more_body", False) and self.guard.should_shed():
             self.shed_total += 1
             await send(self._empty_start)
             await send(self._empty_body)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from enrich_server.config import SAMPLES_DIR
 from enrich_server.snapshot import load_snapshots
-from tests.utils import ROOT, SEED_DIR
+from tests.utils import ROOT
 
 StoreFactory = Callable[[str], Path]
 
@@ -36,7 +37,7 @@ def make_store(tmp_path: Path) -> StoreFactory:
 @pytest.fixture(scope="session")
 def seed_bodies() -> dict[str, bytes]:
     """The seed's three sample requests (app, web, ctv) as raw bodies."""
-    return {path.stem: path.read_bytes() for path in sorted(SEED_DIR.glob("*.json"))}
+    return {path.stem: path.read_bytes() for path in sorted(SAMPLES_DIR.glob("*.json"))}
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ from pathlib import Path
 import httpx2 as httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-SEED_DIR = Path(__file__).resolve().parent / "data" / "seed"
 
 
 def free_port() -> int:
