@@ -11,7 +11,9 @@ import dataclasses
 import datetime
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +29,7 @@ from enrich_server.config import EXAMPLE_STORE, SAMPLES_DIR, load_config, option
 from enrich_server.errors import ConfigError, EnrichError, SnapshotError
 from enrich_server.keys import NAMESPACES, parse_key
 from enrich_server.log import setup_logging
+from enrich_server.metrics import MULTIPROC_ENV
 from enrich_server.snapshot import load_snapshots
 from enrich_server.store import SegmentStore
 
@@ -170,6 +173,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     setup_logging(config.server.log_level)
     SegmentStore(Path(config.server.store)).close()  # fail here, clearly, not in each worker
+    metrics_dir = _multiprocess_metrics_dir() if config.server.workers > 1 else None
     log.info("starting", extra={"version": __version__, "config": dataclasses.asdict(config)})
     os.environ[CONFIG_HANDOFF_VARIABLE] = to_json(config).decode()
     uvicorn.run(
@@ -186,7 +190,23 @@ def _serve(args: argparse.Namespace) -> int:
         server_header=False,
         proxy_headers=False,
     )
+    if metrics_dir is not None:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _multiprocess_metrics_dir() -> Path | None:
+    """Give the workers an empty directory for their metrics files (spawned workers import
+    prometheus_client after this, so they all write there); returns one made here, to remove
+    at exit, or ``None`` when the operator chose the directory (then only emptied)."""
+    chosen = os.environ.get(MULTIPROC_ENV)
+    if chosen:
+        for stale in Path(chosen).glob("*.db"):
+            stale.unlink()
+        return None
+    made = Path(tempfile.mkdtemp(prefix="enrich-server-metrics-"))
+    os.environ[MULTIPROC_ENV] = str(made)
+    return made
 
 
 def _load(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from starlette.types import Message, Receive, Scope, Send
 from enrich_server.config import EnrichConfig
 from enrich_server.guard import LoadGuard
 from enrich_server.keys import request_keys
+from enrich_server.metrics import Tally
 from enrich_server.openrtb import decode
 from enrich_server.privacy import PrivacyPolicy, suppression_reason
 from enrich_server.store import SegmentStore
@@ -39,16 +40,18 @@ _EMPTY_HEADERS: Final = [
 _ERROR_ENCODER: Final = msgspec.json.Encoder()
 
 log = logging.getLogger(__name__)
+_clock: Final = time.perf_counter
 
 
 class EnrichEndpoint:
     """The enrichment endpoint; ``store`` is attached per worker once it is open."""
 
-    def __init__(self, config: EnrichConfig, policy: PrivacyPolicy, guard: LoadGuard) -> None:
+    def __init__(
+        self, config: EnrichConfig, policy: PrivacyPolicy, guard: LoadGuard, tally: Tally
+    ) -> None:
         self.store: SegmentStore | None = None
         self.guard = guard
-        #: Requests answered empty by the overload guard (a plain int: no cost per request).
-        self.shed_total = 0
+        self.tally = tally
         self._policy = policy
         self._max_body = config.max_body
         self._max_age = config.max_age
@@ -72,13 +75,21 @@ class EnrichEndpoint:
             return NO_CACHE, EMPTY_BODY
         user, context = request_keys(request)
         reason = suppression_reason(request, self._policy)
-        keys = context if reason is not None else user + context
+        tally = self.tally
+        if reason is None:
+            keys = user + context
+        else:
+            keys = context
+            tally.suppressed[reason] += 1
         if not keys:
             return NO_CACHE, EMPTY_BODY
         now = int(time.time())
         resolved = store.resolve(keys, now, MAX_SEGMENTS)
+        tally.hits += resolved.hits
+        tally.misses += len(keys) - resolved.hits
         if not resolved.segments_json:
             return NO_CACHE, EMPTY_BODY
+        tally.answer(len(resolved.segments_json))
         out = _BODY_HEAD + b",".join(resolved.segments_json) + _BODY_TAIL
         if reason is not None:
             return NO_CACHE, out
@@ -87,14 +98,18 @@ class EnrichEndpoint:
         return self._full_cache, out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = _clock()
+        tally = self.tally
         if scope["method"] != "POST":
             await _send_error(send, 405, "use POST", [(b"allow", b"POST")])
+            tally.request(405, _clock() - start)
             return
         message = await receive()
         if not message.get("more_body", False) and self.guard.should_shed():
-            self.shed_total += 1
+            tally.shed += 1
             await send(self._empty_start)
             await send(self._empty_body)
+            tally.request(200, _clock() - start)
             return
         body: bytes = message.get("body", b"")
         if message.get("more_body", False):
@@ -110,11 +125,13 @@ class EnrichEndpoint:
             body = b"".join(chunks)
         if len(body) > self._max_body:
             await _send_error(send, 413, f"body larger than {self._max_body} bytes")
+            tally.request(413, _clock() - start)
             return
         try:
             cache, out = self.answer(body)
         except msgspec.DecodeError as exc:
             await _send_error(send, 400, f"body is not JSON: {exc}")
+            tally.request(400, _clock() - start)
             return
         except RecursionError:
             # JSON nested deeper than the decoder follows: well-formed, but nothing usable.
@@ -126,6 +143,7 @@ class EnrichEndpoint:
         if out is EMPTY_BODY:
             await send(self._empty_start)
             await send(self._empty_body)
+            tally.request(200, _clock() - start)
             return
         await send(
             {
@@ -139,6 +157,7 @@ class EnrichEndpoint:
             }
         )
         await send({"type": "http.response.body", "body": out})
+        tally.request(200, _clock() - start)
 
 
 async def _send_error(

@@ -148,6 +148,11 @@ class SegmentStore:
         """Release the memory map; the store must not be used afterwards."""
         self._env.close()
 
+    def built_at(self) -> int:
+        """When the store's current snapshot was built (unix seconds; 0 if unknown)."""
+        with self._env.begin() as txn:
+            return int(txn.get(b"built_at", b"0", db=self._meta))
+
     def identity_count(self) -> int:
         """How many identity keys the store holds (O(1): LMDB keeps the count)."""
         with self._env.begin() as txn:

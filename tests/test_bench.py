@@ -40,7 +40,7 @@ def test_micro_bench_runs(tmp_path: Path) -> None:
     ]  # fmt: skip
     for row in rows:
         assert row["store_identities"] > 2000
-        for part in ("total", "decode", "keys", "lookup"):
+        for part in ("total", "decode", "keys", "lookup", "metrics"):
             assert 0 < row[f"{part}_us_min"] <= row[f"{part}_us_median"]
         assert (row["segments"] > 0) == (row["case"] != "miss")
 

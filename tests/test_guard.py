@@ -81,7 +81,7 @@ def test_enrich_sheds_with_empty_no_cache_and_counts(
         assert response.status_code == 200
         assert response.json() == {"segment_ids": []}
         assert response.headers["cache-control"] == "no-cache"
-        assert app.enrich.shed_total == 1
+        assert app.enrich.tally.shed == 1
         monkeypatch.undo()
         assert client.post("/enrich", content=body).json() == {"segment_ids": ["x"]}
-        assert app.enrich.shed_total == 1
+        assert app.enrich.tally.shed == 1

@@ -1,0 +1,112 @@
+"""Metrics: the tally-and-flush path matches prometheus_client's own, in one worker and many."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx2 as httpx
+import pytest
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
+
+from enrich_server.app import create_app
+from enrich_server.config import load_config
+from enrich_server.metrics import LATENCY_BUCKETS, Metrics, Tally
+from tests.conftest import StoreFactory
+from tests.utils import run_server
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples(text: str | bytes) -> Samples:
+    """Every sample of an exposition, keyed by name and sorted labels."""
+    if isinstance(text, bytes):
+        text = text.decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_flushed_histogram_equals_observe() -> None:
+    tally = Tally()
+    metrics = Metrics(tally)
+    reference = Histogram("ref", "reference", buckets=LATENCY_BUCKETS, registry=CollectorRegistry())
+    durations = [0.00001, 0.00005, 0.00007, 0.0003, 0.002, 0.0049, 0.0051, 0.3, 2.0]
+    for i, seconds in enumerate(durations):
+        tally.request(200, seconds)
+        reference.observe(seconds)
+        if i == 4:
+            metrics.flush()  # flushing in several steps adds up the same
+    exposed = samples(metrics.exposition())
+    for bound in LATENCY_BUCKETS:
+        le = "+Inf" if bound == float("inf") else repr(bound)
+        ours = exposed[("enrich_request_duration_seconds_bucket", (("le", le),))]
+        theirs = reference._buckets
+        assert ours == sum(
+            v.get() for v, b in zip(theirs, LATENCY_BUCKETS, strict=True) if b <= bound
+        )
+    assert exposed[("enrich_request_duration_seconds_count", ())] == len(durations)
+    assert exposed[("enrich_request_duration_seconds_sum", ())] == pytest.approx(sum(durations))
+    assert exposed[("enrich_requests_total", (("status", "200"),))] == len(durations)
+
+
+def test_app_metrics_count_what_was_sent(make_store: StoreFactory) -> None:
+    store = make_store("uid:u\ta,b\ndomain:d.com\tctx\n")
+    with TestClient(create_app(load_config(flags={"server.store": str(store)}))) as client:
+        client.post("/enrich", content=b'{"user":{"id":"u"},"site":{"domain":"d.com"}}')
+        client.post("/enrich", content=b'{"user":{"id":"nobody"}}')
+        client.post("/enrich", content=b'{"user":{"id":"u"},"regs":{"coppa":1}}')
+        client.post("/enrich", content=b"not json")
+        client.get("/enrich")
+        client.get("/healthz")  # not an enrichment call: not counted
+        response = client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    exposed = samples(response.text)
+    assert exposed[("enrich_requests_total", (("status", "200"),))] == 3
+    assert exposed[("enrich_requests_total", (("status", "400"),))] == 1
+    assert exposed[("enrich_requests_total", (("status", "405"),))] == 1
+    assert exposed[("enrich_requests_total", (("status", "413"),))] == 0
+    assert exposed[("enrich_request_duration_seconds_count", ())] == 5
+    # keys: uid:u + domain (2 hits), uid:nobody (miss); coppa drops the uid key entirely
+    assert exposed[("enrich_lookups_total", (("result", "hit"),))] == 2
+    assert exposed[("enrich_lookups_total", (("result", "miss"),))] == 1
+    assert exposed[("enrich_privacy_suppressions_total", (("reason", "coppa"),))] == 1
+    assert exposed[("enrich_segments_per_response_count", ())] == 1
+    assert exposed[("enrich_segments_per_response_sum", ())] == 3
+    assert exposed[("enrich_shed_total", ())] == 0
+    assert exposed[("enrich_store_identities", ())] == 2
+    assert exposed[("enrich_store_built_timestamp_seconds", ())] > 1_700_000_000
+    assert ("enrich_build_info", (("version", "0.1.0"),)) in exposed
+
+
+def test_metrics_aggregate_across_workers(make_store: StoreFactory) -> None:
+    store = make_store("uid:u\tx\n")
+    sent = 60
+    with run_server(store, "--workers", "2") as server:
+        deadline = time.monotonic() + 20
+        while server.log().count('"store opened"') < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in range(sent):  # a new connection each: the kernel spreads them over workers
+            assert (
+                httpx.post(f"{server.url}/enrich", content=b'{"user":{"id":"u"}}').status_code
+                == 200
+            )
+        time.sleep(1.5)  # every worker flushes its tally within a second
+        scrapes = [samples(httpx.get(f"{server.url}/metrics").text) for _ in range(6)]
+        server.process.terminate()
+        server.process.wait(timeout=15)
+        stopping = [
+            json.loads(line) for line in server.log().splitlines() if '"worker stopping"' in line
+        ]
+    # both workers served some of the requests, so the totals below really are aggregated
+    assert sorted(event["requests"] > 0 for event in stopping) == [True, True]
+    assert sum(event["requests"] for event in stopping) == sent
+    for exposed in scrapes:  # whichever worker answers, it reports every worker's counts
+        assert exposed[("enrich_requests_total", (("status", "200"),))] == sent
+        assert exposed[("enrich_lookups_total", (("result", "hit"),))] == sent
+        assert exposed[("enrich_request_duration_seconds_count", ())] == sent
+        assert exposed[("enrich_store_identities", ())] == 1
