@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
 .PHONY: help venv run test lint typecheck pytest example-store bench bench-quick bench-micro \
-	bench-deps clean
+	bench-deps test-deps debian-packages clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -32,7 +32,7 @@ lint: $(STAMP) ## ruff check and format check
 typecheck: $(STAMP) ## mypy --strict over the package, tests and benchmarks
 	$(BIN)/mypy
 
-pytest: $(STAMP) bench-deps ## the test suite alone
+pytest: $(STAMP) test-deps ## the test suite alone
 	$(BIN)/pytest
 
 example-store: $(STAMP) ## rebuild segments.lmdb.example from segments.example.tsv
@@ -41,10 +41,17 @@ example-store: $(STAMP) ## rebuild segments.lmdb.example from segments.example.t
 	rm -f segments.lmdb.example/lock.mdb
 
 bench-deps: ## install Debian's wrk and redis-server when missing (root) for bench/ and its smoke tests
-	@command -v wrk >/dev/null && command -v redis-server >/dev/null || { \
+	@$(MAKE) --no-print-directory debian-packages PACKAGES="wrk redis-server" COMMANDS="wrk redis-server"
+
+test-deps: bench-deps ## also Debian's prometheus (real Prometheus and promtool in the tests)
+	@$(MAKE) --no-print-directory debian-packages PACKAGES="prometheus" COMMANDS="prometheus promtool"
+
+debian-packages:
+	@missing=""; for c in $(COMMANDS); do command -v $$c >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk redis-server; \
-	  else echo "bench needs Debian's wrk and redis-server: install them or run as root" >&2; exit 1; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(PACKAGES); \
+	  else echo "needs Debian's $(PACKAGES): install them or run as root" >&2; exit 1; fi; fi
 
 bench: $(STAMP) bench-deps ## full load benchmark (< 10 min): ceiling vs enrich vs FastAPI+Redis
 	$(BIN)/python -m bench.load --profile full

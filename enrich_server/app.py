@@ -81,6 +81,7 @@ def create_app(config: Config) -> EnrichServer:
         gc.freeze()
         metrics.store_identities.set(store.identity_count())
         metrics.store_built.set(store.built_at())
+        metrics.ready.set(1)
         flusher = asyncio.create_task(flush_metrics())
         log.info(
             "store opened",
@@ -94,7 +95,7 @@ def create_app(config: Config) -> EnrichServer:
             yield
         finally:
             flusher.cancel()
-            metrics.flush()
+            metrics.close()
             gc.unfreeze()
             guard.stop()
             log.info(

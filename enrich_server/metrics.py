@@ -19,6 +19,7 @@ before they start, and ``/metrics`` aggregates every worker's files.
 | ``enrich_shed_total`` | counter | |
 | ``enrich_store_identities`` | gauge | |
 | ``enrich_store_built_timestamp_seconds`` | gauge | |
+| ``enrich_ready`` | gauge | (1 while the worker's store is open) |
 | ``enrich_build_info`` | gauge | ``version`` |
 """
 
@@ -29,7 +30,7 @@ import os
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from enrich_server import __version__
 from enrich_server.privacy import REASONS
@@ -122,6 +123,10 @@ class Metrics:
             registry=reg,
             multiprocess_mode="mostrecent",
         )
+        self.ready = Gauge(
+            "enrich_ready", "1 while this worker has its store open and serves.",
+            registry=reg, multiprocess_mode="livemin",
+        )  # fmt: skip
         build = Gauge(
             "enrich_build_info", "The running version.", ["version"],
             registry=reg, multiprocess_mode="max",
@@ -150,6 +155,14 @@ class Metrics:
             self._segments, now.segments, then.segments, now.segments_sum - then.segments_sum
         )
         then.segments_sum = now.segments_sum
+
+    def close(self) -> None:
+        """Final flush when the worker stops; its live gauges (``enrich_ready``) leave the
+        aggregate, while its counters stay counted (totals never go backwards)."""
+        self.ready.set(0)
+        self.flush()
+        if self.multiprocess:
+            mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]  # untyped upstream
 
     def exposition(self) -> bytes:
         """The Prometheus text format: this worker's registry, or every worker's files."""
