@@ -67,7 +67,7 @@ def create_app(config: Config) -> EnrichServer:
             await asyncio.sleep(METRICS_FLUSH_SECONDS)
             metrics.flush()
             if endpoint.store is not None:
-                metrics.store_identities.set(endpoint.store.identity_count())
+                metrics.observe_store(endpoint.store)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -79,8 +79,7 @@ def create_app(config: Config) -> EnrichServer:
         # garbage (+10-15 % throughput under wrk, and no full-heap pauses in the tail).
         gc.collect()
         gc.freeze()
-        metrics.store_identities.set(store.identity_count())
-        metrics.store_built.set(store.built_at())
+        metrics.observe_store(store)
         metrics.ready.set(1)
         flusher = asyncio.create_task(flush_metrics())
         log.info(

@@ -28,7 +28,7 @@ from enrich_server.check import format_report, parse_target, read_bodies, run_ch
 from enrich_server.config import EXAMPLE_STORE, SAMPLES_DIR, load_config, options, to_json
 from enrich_server.errors import ConfigError, EnrichError, SnapshotError
 from enrich_server.keys import NAMESPACES, parse_key
-from enrich_server.log import setup_logging
+from enrich_server.log import redacted, setup_logging
 from enrich_server.metrics import MULTIPROC_ENV
 from enrich_server.snapshot import load_snapshots
 from enrich_server.store import SegmentStore
@@ -157,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EnrichError as exc:
         print(f"enrich-server: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:
+        # Output piped into `head` and the like: stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -174,7 +178,10 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(config.server.log_level)
     SegmentStore(Path(config.server.store)).close()  # fail here, clearly, not in each worker
     metrics_dir = _multiprocess_metrics_dir() if config.server.workers > 1 else None
-    log.info("starting", extra={"version": __version__, "config": dataclasses.asdict(config)})
+    log.info(
+        "starting",
+        extra={"version": __version__, "config": redacted(dataclasses.asdict(config))},
+    )
     os.environ[CONFIG_HANDOFF_VARIABLE] = to_json(config).decode()
     uvicorn.run(
         "enrich_server.app:create_app_from_handoff",
@@ -210,11 +217,24 @@ def _multiprocess_metrics_dir() -> Path | None:
 
 
 def _load(args: argparse.Namespace) -> int:
+    setup_logging("info")
     started = time.monotonic()
     report = load_snapshots(
         args.snapshots, args.store, replace=args.replace, progress=not args.quiet
     )
     elapsed = time.monotonic() - started
+    log.info(
+        "snapshot loaded",
+        extra={
+            "store": str(args.store),
+            "files": [str(p) for p in args.snapshots],
+            "replace": args.replace,
+            "lines": report.lines,
+            "identities": report.identities_added,
+            "removed": report.memberships_removed,
+            "seconds": round(elapsed, 3),
+        },
+    )
     print(
         f"loaded {report.lines:,} lines into {args.store} in {elapsed:.1f}s: "
         f"{report.identities_added:,} identities added or updated, "
@@ -263,6 +283,7 @@ def _stats(args: argparse.Namespace) -> int:
     for namespace, count in stats.by_namespace.items():
         print(f"  {namespace + ':':<10} {count:,}")
     print(f"memberships  {stats.memberships:,}")
+    print(f"generation   {stats.generation:,} (writes committed)")
     print(f"segments     {stats.segments:,}")
     print(f"file size    {stats.file_bytes:,} bytes ({stats.data_bytes:,} in use)")
     if stats.built_at:

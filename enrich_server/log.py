@@ -40,6 +40,22 @@ class JsonFormatter(logging.Formatter):
         return _ENCODER.encode(event).decode()
 
 
+#: A configuration key naming any of these holds a credential: never logged.
+_SECRET_WORDS: Final = ("token", "secret", "password", "basic", "plsec", "key")
+REDACTED: Final = "<redacted>"
+
+
+def redacted(value: Any, key: str = "") -> Any:
+    """A copy of a configuration structure with every credential-looking value masked."""
+    if isinstance(value, dict):
+        return {k: redacted(v, k) for k, v in value.items()}
+    if any(word in key.lower() for word in _SECRET_WORDS) and value not in ("", None, [], {}):
+        return REDACTED
+    if isinstance(value, list):
+        return [redacted(v, key) for v in value]
+    return value
+
+
 def setup_logging(level: str) -> None:
     """Send every logger (ours and uvicorn's) to stderr as JSON lines at ``level``."""
     handler = logging.StreamHandler(sys.stderr)

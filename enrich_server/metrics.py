@@ -19,6 +19,7 @@ before they start, and ``/metrics`` aggregates every worker's files.
 | ``enrich_shed_total`` | counter | |
 | ``enrich_store_identities`` | gauge | |
 | ``enrich_store_built_timestamp_seconds`` | gauge | |
+| ``enrich_store_generation`` | gauge | |
 | ``enrich_ready`` | gauge | (1 while the worker's store is open) |
 | ``enrich_build_info`` | gauge | ``version`` |
 """
@@ -34,6 +35,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from enrich_server import __version__
 from enrich_server.privacy import REASONS
+from enrich_server.store import SegmentStore
 
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 #: Resolve Index's 5 ms budget: from 50 us up, and beyond it.
@@ -127,6 +129,10 @@ class Metrics:
             "enrich_ready", "1 while this worker has its store open and serves.",
             registry=reg, multiprocess_mode="livemin",
         )  # fmt: skip
+        self.store_generation = Gauge(
+            "enrich_store_generation", "Writes committed to the serving store so far.",
+            registry=reg, multiprocess_mode="mostrecent",
+        )  # fmt: skip
         build = Gauge(
             "enrich_build_info", "The running version.", ["version"],
             registry=reg, multiprocess_mode="max",
@@ -155,6 +161,12 @@ class Metrics:
             self._segments, now.segments, then.segments, now.segments_sum - then.segments_sum
         )
         then.segments_sum = now.segments_sum
+
+    def observe_store(self, store: SegmentStore) -> None:
+        """Refresh the store gauges (cheap: LMDB keeps the counts)."""
+        self.store_identities.set(store.identity_count())
+        self.store_built.set(store.built_at())
+        self.store_generation.set(store.generation())
 
     def close(self) -> None:
         """Final flush when the worker stops; its live gauges (``enrich_ready``) leave the

@@ -2,7 +2,8 @@
 
 Layout (one LMDB environment, a directory holding ``data.mdb``; four named databases):
 
-``meta``           ``format`` → ``1``; ``built_at`` / ``updated_at`` → unix seconds (ASCII)
+``meta``           ``format`` → ``1``; ``built_at`` / ``updated_at`` → unix seconds, and
+                   ``generation`` → commits so far (ASCII)
 ``segment_ids``    segment name (UTF-8) → segment id (4 bytes, big-endian)
 ``segment_names``  segment id → segment name; ids are dense from 1 and never reused, so a
                    name cached by a reader stays right for the life of the store
@@ -153,6 +154,11 @@ class SegmentStore:
         with self._env.begin() as txn:
             return int(txn.get(b"built_at", b"0", db=self._meta))
 
+    def generation(self) -> int:
+        """How many writes (loads, deltas) have been committed to the store."""
+        with self._env.begin() as txn:
+            return int(txn.get(b"generation", b"0", db=self._meta))
+
     def identity_count(self) -> int:
         """How many identity keys the store holds (O(1): LMDB keeps the count)."""
         with self._env.begin() as txn:
@@ -261,6 +267,7 @@ class SegmentStore:
             }
             built_at = int(txn.get(b"built_at", b"0", db=self._meta))
             updated_at = int(txn.get(b"updated_at", b"0", db=self._meta))
+            generation = int(txn.get(b"generation", b"0", db=self._meta))
         info = self._env.info()
         return StoreStats(
             path=str(self.path),
@@ -273,6 +280,7 @@ class SegmentStore:
             data_bytes=(info["last_pgno"] + 1) * self._env.stat()["psize"],
             built_at=built_at,
             updated_at=updated_at,
+            generation=generation,
         )
 
 
@@ -290,6 +298,7 @@ class StoreStats:
     data_bytes: int
     built_at: int
     updated_at: int
+    generation: int
 
 
 class StoreWriter:
@@ -334,6 +343,8 @@ class StoreWriter:
         try:
             if exc_type is None:
                 self._txn.put(b"updated_at", str(int(time.time())).encode(), db=self._meta)
+                generation = int(self._txn.get(b"generation", b"0", db=self._meta)) + 1
+                self._txn.put(b"generation", str(generation).encode(), db=self._meta)
                 self._txn.commit()
             else:
                 self._txn.abort()

@@ -117,3 +117,16 @@ def test_load_progress_on_stderr_when_not_a_tty(tmp_path: Path) -> None:
     assert "load [########################] 100.0% 1 lines" in result.stderr
     assert "\r" not in result.stderr
     assert result.stdout.startswith("loaded 1 lines")
+
+
+def test_load_logs_a_json_event(tmp_path: Path) -> None:
+    snapshot = tmp_path / "s.tsv"
+    snapshot.write_text("uid:u\ta\nuid:v\tb\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "enrich_server", "load", str(snapshot), "--store",
+         str(tmp_path / "store"), "--quiet"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    loaded = next(event for event in events if event["msg"] == "snapshot loaded")
+    assert (loaded["lines"], loaded["identities"], loaded["replace"]) == (2, 2, False)

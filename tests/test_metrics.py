@@ -80,6 +80,7 @@ def test_app_metrics_count_what_was_sent(make_store: StoreFactory) -> None:
     assert exposed[("enrich_shed_total", ())] == 0
     assert exposed[("enrich_store_identities", ())] == 2
     assert exposed[("enrich_store_built_timestamp_seconds", ())] > 1_700_000_000
+    assert exposed[("enrich_store_generation", ())] == 1
     assert ("enrich_build_info", (("version", "0.1.0"),)) in exposed
 
 

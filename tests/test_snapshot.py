@@ -116,6 +116,7 @@ def test_load_delta_merges_updates_expiry_and_removes(tmp_path: Path) -> None:
     report = load_snapshots([delta], tmp_path / "store", progress=False)
     assert report.memberships_removed == 2
     store = SegmentStore(tmp_path / "store")
+    assert store.generation() == 2
     assert store.memberships(b"uid:a") == {"x": 3000000000, "w": 0}
     assert store.memberships(b"uid:b") is None
 

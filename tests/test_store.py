@@ -119,3 +119,4 @@ def test_stats_counts_namespaces_and_segments(make_store: StoreFactory) -> None:
     assert stats.segment_members == {"x": 2, "y": 1, "z": 1}
     assert stats.file_bytes >= stats.data_bytes > 0
     assert stats.built_at > 0
+    assert stats.generation == 1
