@@ -12,6 +12,7 @@ import contextlib
 import gc
 import logging
 import os
+import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from enrich_server import config as config_module
+from enrich_server.auth import ClientCredentials, EndpointAuth
 from enrich_server.config import Config
 from enrich_server.enrich import EnrichEndpoint
 from enrich_server.guard import LoadGuard
@@ -59,7 +61,9 @@ def create_app(config: Config) -> EnrichServer:
     guard = LoadGuard(config.enrich.guard_lag_ms / 1000)
     tally = Tally()
     metrics = Metrics(tally)
-    endpoint = EnrichEndpoint(config.enrich, PrivacyPolicy(), guard, tally)
+    auth = EndpointAuth(config.auth)
+    endpoint = EnrichEndpoint(config.enrich, PrivacyPolicy(), guard, tally, auth)
+    clients = ClientCredentials(config.auth.oauth_clients)
     store_path = Path(config.server.store)
 
     async def flush_metrics() -> None:
@@ -116,6 +120,30 @@ def create_app(config: Config) -> EnrichServer:
             return JSONResponse({"status": "not ready", "why": "store not open"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    async def oauth_token(request: Request) -> JSONResponse:
+        # RFC 6749 section 4.4: client credentials, the client authenticated by HTTP Basic.
+        signer = auth.signer
+        if signer is None or not config.auth.oauth_clients:
+            return JSONResponse({"error": "oauth is not configured"}, status_code=404)
+        client_id = clients.authenticate(request.headers.get("authorization", ""))
+        if client_id is None:
+            return JSONResponse(
+                {"error": "invalid_client"},
+                status_code=401,
+                headers={"www-authenticate": 'Basic realm="enrich-server"'},
+            )
+        form = urllib.parse.parse_qs((await request.body()).decode("latin-1"))
+        if form.get("grant_type") != ["client_credentials"]:
+            return JSONResponse({"error": "unsupported_grant_type"}, status_code=400)
+        return JSONResponse(
+            {
+                "access_token": signer.issue(client_id),
+                "token_type": "Bearer",
+                "expires_in": signer.ttl,
+            },
+            headers={"cache-control": "no-store"},
+        )
+
     async def metrics_endpoint(_: Request) -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
@@ -124,6 +152,7 @@ def create_app(config: Config) -> EnrichServer:
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics_endpoint),
+            Route("/oauth/token", oauth_token, methods=["POST"]),
         ],
         lifespan=lifespan,
     )

@@ -8,6 +8,7 @@ variables) are an error naming the key. The environment is read here and nowhere
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,7 +28,31 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
 def _opt(default: Any, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
-    return field(default=default, metadata={"doc": doc, "check": check})
+    if isinstance(default, dict):
+        return field(
+            default_factory=lambda: dict(default),
+            metadata={"doc": doc, "check": check, "kind": dict},
+        )
+    return field(default=default, metadata={"doc": doc, "check": check, "kind": type(default)})
+
+
+def _header_name(value: str) -> str | None:
+    ok = all(c.isalnum() or c in "-_" for c in value)
+    return None if ok else "is not an HTTP header name"
+
+
+def _cidrs(value: tuple[str, ...]) -> str | None:
+    for cidr in value:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            return f"has {cidr!r}, which is not an IPv4 or IPv6 address or CIDR"
+    return None
+
+
+def _nonempty_items(value: tuple[str, ...] | dict[str, str]) -> str | None:
+    items = list(value.items()) if isinstance(value, dict) else [("", v) for v in value]
+    return None if all(k is not None and v for k, v in items) else "has an empty entry"
 
 
 def _port(value: int) -> str | None:
@@ -80,38 +105,101 @@ class EnrichConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """``[enrich.auth]``: who may call the enrichment endpoint; nothing set = open.
+
+    Tokens (header, query or OAuth bearer) are alternatives: any one valid credential is
+    enough. The IP allow-list applies on top of them.
+    """
+
+    header: str = _opt("", "request header carrying a token (e.g. X-Api-Key); empty = off",
+                       _header_name)  # fmt: skip
+    query: str = _opt("", "query parameter carrying a token (e.g. token); empty = off")
+    tokens: tuple[str, ...] = _opt(
+        (), "tokens accepted in the header or query parameter", _nonempty_items
+    )
+    oauth_clients: dict[str, str] = _opt(  # noqa: RUF009 - _opt returns a dataclasses.field
+        {}, "OAuth2 client id -> secret for POST /oauth/token (client_credentials)",
+        _nonempty_items,
+    )  # fmt: skip
+    oauth_keys: tuple[str, ...] = _opt(
+        (), "keys signing OAuth access tokens: the first signs, all verify (rotation)",
+        _nonempty_items,
+    )  # fmt: skip
+    oauth_ttl: int = _opt(3600, "lifetime of an issued access token, seconds", _positive)
+    allow_cidrs: tuple[str, ...] = _opt(
+        (), "client networks allowed (IPv4/IPv6 CIDRs); empty = any", _cidrs
+    )
+    trusted_proxies: tuple[str, ...] = _opt(
+        (), "proxies whose X-Forwarded-For is believed (CIDRs); empty = never read it", _cidrs
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration; one section per TOML table."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
     enrich: EnrichConfig = field(default_factory=EnrichConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
 
-_SECTIONS: Final[dict[str, type[Any]]] = {"server": ServerConfig, "enrich": EnrichConfig}
+#: TOML table -> (``Config`` field, section class).
+_SECTIONS: Final[dict[str, tuple[str, type[Any]]]] = {
+    "server": ("server", ServerConfig),
+    "enrich": ("enrich", EnrichConfig),
+    "enrich.auth": ("auth", AuthConfig),
+}
 
 
 def options() -> list[tuple[str, str, Any, str]]:
     """Every option as ``(section.key, ENV_NAME, default, doc)``, for ``--help`` and README."""
     out = []
-    for section, cls in _SECTIONS.items():
+    for section, (_, cls) in _SECTIONS.items():
         for f in dataclasses.fields(cls):
-            env = f"{ENV_PREFIX}{section}_{f.name}".upper()
-            out.append((f"{section}.{f.name}", env, f.default, f.metadata["doc"]))
+            env = f"{ENV_PREFIX}{section}_{f.name}".replace(".", "_").upper()
+            default = f.default if f.default is not dataclasses.MISSING else {}
+            out.append((f"{section}.{f.name}", env, default, f.metadata["doc"]))
     return out
+
+
+def _from_text(where: str, kind: type[Any], value: str) -> Any:
+    """Parse an environment value: numbers, ``a,b`` lists, ``id=secret,id2=secret2`` maps."""
+    if kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} is not a number") from None
+    if kind is tuple:
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if kind is dict:
+        pairs = [item.partition("=") for item in value.split(",") if item.strip()]
+        if not all(sep for _, sep, _ in pairs):
+            raise ConfigError(f"{where}: expected id=value pairs separated by commas")
+        return {k.strip(): v.strip() for k, _, v in pairs}
+    return value
 
 
 def _convert(where: str, f: dataclasses.Field[Any], value: Any, text: bool = False) -> Any:
     """Check ``value`` for field ``f``; ``text`` values (environment) are parsed first."""
-    kind = type(f.default)
-    if text and kind in (int, float):
-        try:
-            value = kind(value)
-        except ValueError:
-            raise ConfigError(f"{where}: {value!r} is not a number") from None
+    kind = f.metadata["kind"]
+    if text:
+        value = _from_text(where, kind, value)
     if kind is float and type(value) is int:
         value = float(value)
+    if kind is tuple and isinstance(value, list):
+        if not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{where}: expected a list of strings")
+        value = tuple(value)
+    if (
+        kind is dict
+        and isinstance(value, dict)
+        and not all(isinstance(v, str) for v in value.values())
+    ):
+        raise ConfigError(f"{where}: expected a table of strings")
     if type(value) is not kind:
-        raise ConfigError(f"{where}: expected {kind.__name__}, got {type(value).__name__}")
+        expected = "list" if kind is tuple else "table" if kind is dict else kind.__name__
+        raise ConfigError(f"{where}: expected {expected}, got {type(value).__name__}")
     check = f.metadata["check"]
     problem = check(value) if check is not None else None
     if problem:
@@ -130,7 +218,9 @@ def load_config(
     Raises ``ConfigError`` naming the offending key.
     """
     values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
-    fields = {name: {f.name: f for f in dataclasses.fields(cls)} for name, cls in _SECTIONS.items()}
+    fields = {
+        name: {f.name: f for f in dataclasses.fields(cls)} for name, (_, cls) in _SECTIONS.items()
+    }
     if path is not None:
         try:
             data = tomllib.loads(path.read_text())
@@ -138,12 +228,17 @@ def load_config(
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        for section, table in data.items():
+        tables = list(data.items())
+        while tables:
+            section, table = tables.pop(0)
             if section not in _SECTIONS:
                 raise ConfigError(f"{path}: unknown section [{section}]")
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: {section} must be a table")
             for key, value in table.items():
+                if f"{section}.{key}" in _SECTIONS and isinstance(value, dict):
+                    tables.append((f"{section}.{key}", value))  # a sub-table: [enrich.auth]
+                    continue
                 if key not in fields[section]:
                     raise ConfigError(f"{path}: unknown key {key!r} in [{section}]")
                 where = f"{path}: [{section}] {key}"
@@ -154,15 +249,15 @@ def load_config(
             continue
         if name not in by_env:
             raise ConfigError(f"unknown environment variable {name}")
-        section, key = by_env[name].split(".")
+        section, key = by_env[name].rsplit(".", 1)
         values[section][key] = _convert(name, fields[section][key], value, text=True)
     for dotted, value in (flags or {}).items():
         if value is None:
             continue
-        section, key = dotted.split(".")
+        section, key = dotted.rsplit(".", 1)
         flag = "--" + key.replace("_", "-")
         values[section][key] = _convert(flag, fields[section][key], value)
-    return Config(**{name: cls(**values[name]) for name, cls in _SECTIONS.items()})
+    return Config(**{attr: cls(**values[name]) for name, (attr, cls) in _SECTIONS.items()})
 
 
 def to_json(config: Config) -> bytes:

@@ -16,6 +16,7 @@ from typing import Any, Final
 import msgspec
 from starlette.types import Message, Receive, Scope, Send
 
+from enrich_server.auth import EndpointAuth
 from enrich_server.config import EnrichConfig
 from enrich_server.guard import LoadGuard
 from enrich_server.keys import request_keys
@@ -47,11 +48,19 @@ class EnrichEndpoint:
     """The enrichment endpoint; ``store`` is attached per worker once it is open."""
 
     def __init__(
-        self, config: EnrichConfig, policy: PrivacyPolicy, guard: LoadGuard, tally: Tally
+        self,
+        config: EnrichConfig,
+        policy: PrivacyPolicy,
+        guard: LoadGuard,
+        tally: Tally,
+        auth: EndpointAuth | None = None,
     ) -> None:
         self.store: SegmentStore | None = None
         self.guard = guard
         self.tally = tally
+        # None when nothing is configured: an open endpoint pays one `is None` per call.
+        self._auth = auth if auth is not None and auth.enabled else None
+        self._bearer_challenge = auth is not None and auth.signer is not None
         self._policy = policy
         self._max_body = config.max_body
         self._max_age = config.max_age
@@ -104,6 +113,18 @@ class EnrichEndpoint:
             await _send_error(send, 405, "use POST", [(b"allow", b"POST")])
             tally.request(405, _clock() - start)
             return
+        if self._auth is not None:
+            rejection = self._auth.check(scope)
+            if rejection is not None:
+                extra = (
+                    [(b"www-authenticate", b"Bearer")]
+                    if rejection.status == 401 and (self._bearer_challenge)
+                    else None
+                )
+                await _send_error(send, rejection.status, rejection.message, extra)
+                tally.auth_rejected[rejection.reason] += 1
+                tally.request(rejection.status, _clock() - start)
+                return
         message = await receive()
         if not message.get("more_body", False) and self.guard.should_shed():
             tally.shed += 1

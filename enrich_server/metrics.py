@@ -11,7 +11,8 @@ before they start, and ``/metrics`` aggregates every worker's files.
 
 | metric | type | labels |
 |---|---|---|
-| ``enrich_requests_total`` | counter | ``status`` (200, 400, 405, 413) |
+| ``enrich_requests_total`` | counter | ``status`` (200, 400, 401, 403, 405, 413) |
+| ``enrich_auth_rejections_total`` | counter | ``reason`` |
 | ``enrich_request_duration_seconds`` | histogram | |
 | ``enrich_lookups_total`` | counter | ``result`` (hit, miss) |
 | ``enrich_segments_per_response`` | histogram | |
@@ -34,6 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from enrich_server import __version__
+from enrich_server.auth import REASONS as AUTH_REASONS
 from enrich_server.privacy import REASONS
 from enrich_server.store import SegmentStore
 
@@ -43,14 +45,14 @@ LATENCY_BUCKETS: Final = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, float("inf"),
 )  # fmt: skip
 SEGMENT_BUCKETS: Final = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, float("inf"))
-STATUSES: Final = (200, 400, 405, 413)
+STATUSES: Final = (200, 400, 401, 403, 405, 413)
 
 
 class Tally:
     """What one worker counted since it started: plain numbers, written by the hot path."""
 
-    __slots__ = ("hits", "latency", "latency_sum", "misses", "segments", "segments_sum",
-                 "shed", "status", "suppressed")  # fmt: skip
+    __slots__ = ("auth_rejected", "hits", "latency", "latency_sum", "misses", "segments",
+                 "segments_sum", "shed", "status", "suppressed")  # fmt: skip
 
     def __init__(self) -> None:
         self.status = dict.fromkeys(STATUSES, 0)
@@ -61,6 +63,7 @@ class Tally:
         self.hits = 0
         self.misses = 0
         self.suppressed = dict.fromkeys(REASONS, 0)
+        self.auth_rejected = dict.fromkeys(AUTH_REASONS, 0)
         self.shed = 0
 
     def request(self, status: int, seconds: float) -> None:
@@ -112,6 +115,13 @@ class Metrics:
             registry=reg,
         )
         self._suppressed_children = {r: self._suppressed.labels(r) for r in REASONS}
+        self._rejected = Counter(
+            "enrich_auth_rejections",
+            "Enrichment calls refused by authentication, by reason.",
+            ["reason"],
+            registry=reg,
+        )
+        self._rejected_children = {r: self._rejected.labels(r) for r in AUTH_REASONS}
         self._shed = Counter(
             "enrich_shed", "Requests answered empty at once by the overload guard.", registry=reg
         )
@@ -149,6 +159,9 @@ class Metrics:
         for reason, child in self._suppressed_children.items():
             _add(child, now.suppressed[reason] - then.suppressed[reason])
             then.suppressed[reason] = now.suppressed[reason]
+        for reason, child in self._rejected_children.items():
+            _add(child, now.auth_rejected[reason] - then.auth_rejected[reason])
+            then.auth_rejected[reason] = now.auth_rejected[reason]
         _add(self._hits, now.hits - then.hits)
         _add(self._misses, now.misses - then.misses)
         _add(self._shed, now.shed - then.shed)
