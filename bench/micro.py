@@ -23,14 +23,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.synth import cached_store, sample_keys
-from enrich_server.config import SAMPLES_DIR, load_config
+from enrich_server.auth import EndpointAuth
+from enrich_server.config import SAMPLES_DIR, AuthConfig, load_config
 from enrich_server.enrich import EMPTY_BODY, EnrichEndpoint
 from enrich_server.guard import LoadGuard
 from enrich_server.keys import request_keys
 from enrich_server.metrics import Tally
 from enrich_server.openrtb import decode
-from enrich_server.privacy import PrivacyPolicy
+from enrich_server.privacy import Privacy
 from enrich_server.store import SegmentStore
+from tests.tcf_strings import CONSENTED
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -50,9 +52,21 @@ def _body_for(key: str) -> bytes:
 def cases(identities: int) -> dict[str, bytes]:
     """Request bodies by case name: the seed samples, a synthetic hit and a miss."""
     bodies = {f"seed_{p.stem}": p.read_bytes() for p in sorted(SAMPLES_DIR.glob("*.json"))}
+    app = json.loads((SAMPLES_DIR / "app.json").read_bytes())
+    app["regs"] = {"gdpr": 1}
+    app["user"]["ext"] = {"consent": CONSENTED}
+    bodies["seed_app_gdpr"] = json.dumps(app).encode()  # a TCF v2 string to decide
     bodies["synthetic_hit"] = _body_for(sample_keys(identities, 3)[1])
     bodies["miss"] = json.dumps({"user": {"id": "not-in-the-store"}}).encode()
     return bodies
+
+
+AUTH_SCOPE = {
+    "headers": [(b"host", b"enrich.example"), (b"content-type", b"application/json"),
+                (b"x-api-key", b"bench-token"), (b"content-length", b"1700")],
+    "query_string": b"",
+    "client": ("203.0.113.9", 40000),
+}  # fmt: skip
 
 
 def _record(tally: Tally) -> None:
@@ -87,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     store_path = cached_store(args.identities, args.cache, progress=sys.stderr.isatty())
-    endpoint = EnrichEndpoint(load_config().enrich, PrivacyPolicy(), LoadGuard(0), Tally())
+    endpoint = EnrichEndpoint(load_config().enrich, Privacy(), LoadGuard(0), Tally())
+    auth = EndpointAuth(
+        AuthConfig(header="X-Api-Key", tokens=("bench-token",), allow_cidrs=("203.0.113.0/24",))
+    )
+    assert auth.check(AUTH_SCOPE) is None
     store = SegmentStore(store_path)
     endpoint.store = store
     identities = store.identity_count()
@@ -103,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             "keys": functools.partial(request_keys, request),
             "lookup": functools.partial(store.resolve, user + context, int(time.time()), 500),
             "metrics": functools.partial(_record, endpoint.tally),
+            # the call checks an endpoint with a header token and an IP allow-list does,
+            # and the privacy decision (consent strings decided once each, then cached)
+            "auth": functools.partial(auth.check, AUTH_SCOPE),
+            "privacy": functools.partial(endpoint._privacy.suppression_reason, request),
         }
         result: dict[str, object] = {
             "bench": "micro",

@@ -30,7 +30,7 @@ from enrich_server.enrich import EnrichEndpoint
 from enrich_server.guard import LoadGuard
 from enrich_server.log import setup_logging
 from enrich_server.metrics import Metrics, Tally
-from enrich_server.privacy import PrivacyPolicy
+from enrich_server.privacy import Privacy, PrivacyPolicy
 from enrich_server.store import SegmentStore
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,16 @@ def create_app(config: Config) -> EnrichServer:
     tally = Tally()
     metrics = Metrics(tally)
     auth = EndpointAuth(config.auth)
-    endpoint = EnrichEndpoint(config.enrich, PrivacyPolicy(), guard, tally, auth)
+    privacy = Privacy(
+        PrivacyPolicy(
+            honour_coppa=config.privacy.coppa,
+            honour_us_privacy=config.privacy.us_privacy,
+            require_gdpr_consent=config.privacy.gdpr,
+            gdpr_vendor_id=config.privacy.gdpr_vendor_id,
+            gdpr_purposes=config.privacy.gdpr_purposes,
+        )
+    )
+    endpoint = EnrichEndpoint(config.enrich, privacy, guard, tally, auth)
     clients = ClientCredentials(config.auth.oauth_clients)
     store_path = Path(config.server.store)
 

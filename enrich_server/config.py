@@ -27,13 +27,21 @@ ENV_PREFIX: Final = "ENRICH_"
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
-def _opt(default: Any, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
+def _opt(
+    default: Any,
+    doc: str,
+    check: Callable[[Any], str | None] | None = None,
+    item: type[Any] = str,
+) -> Any:
+    """A configuration option: default, doc line, validity check, and for lists the item type."""
+    meta = {"doc": doc, "check": check, "kind": type(default), "item": item}
     if isinstance(default, dict):
-        return field(
-            default_factory=lambda: dict(default),
-            metadata={"doc": doc, "check": check, "kind": dict},
-        )
-    return field(default=default, metadata={"doc": doc, "check": check, "kind": type(default)})
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _purposes(value: tuple[int, ...]) -> str | None:
+    return None if all(1 <= p <= 24 for p in value) else "has a purpose outside 1-24"
 
 
 def _header_name(value: str) -> str | None:
@@ -136,12 +144,27 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PrivacyConfig:
+    """``[privacy]``: which signals withhold user-level segments (contextual ones stay)."""
+
+    coppa: bool = _opt(True, "honour regs.coppa == 1")
+    us_privacy: bool = _opt(True, "honour a US Privacy opt-out of sale (1YYN)")
+    gdpr: bool = _opt(True, "under gdpr == 1, require a TCF v2 string allowing the purposes")
+    gdpr_vendor_id: int = _opt(0, "our TCF vendor id; 0 = check purposes only", _not_negative)
+    gdpr_purposes: tuple[int, ...] = _opt(
+        (1, 3, 4), "TCF purposes that must be allowed (consent, or LI where TCF permits)",
+        _purposes, item=int,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration; one section per TOML table."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
     enrich: EnrichConfig = field(default_factory=EnrichConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 #: TOML table -> (``Config`` field, section class).
@@ -149,6 +172,7 @@ _SECTIONS: Final[dict[str, tuple[str, type[Any]]]] = {
     "server": ("server", ServerConfig),
     "enrich": ("enrich", EnrichConfig),
     "enrich.auth": ("auth", AuthConfig),
+    "privacy": ("privacy", PrivacyConfig),
 }
 
 
@@ -163,15 +187,21 @@ def options() -> list[tuple[str, str, Any, str]]:
     return out
 
 
-def _from_text(where: str, kind: type[Any], value: str) -> Any:
-    """Parse an environment value: numbers, ``a,b`` lists, ``id=secret,id2=secret2`` maps."""
-    if kind in (int, float):
+def _from_text(where: str, kind: type[Any], value: str, item: type[Any] = str) -> Any:
+    """Parse an environment value: numbers, booleans, ``a,b`` lists, ``id=secret`` maps."""
+    if kind in (int, float) or (kind is tuple and item is int):
         try:
+            if kind is tuple:
+                return [int(part) for part in value.split(",") if part.strip()]
             return kind(value)
         except ValueError:
             raise ConfigError(f"{where}: {value!r} is not a number") from None
+    if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"{where}: {value!r} is not true or false")
+        return value.lower() in ("true", "1")
     if kind is tuple:
-        return [item.strip() for item in value.split(",") if item.strip()]
+        return [part.strip() for part in value.split(",") if part.strip()]
     if kind is dict:
         pairs = [item.partition("=") for item in value.split(",") if item.strip()]
         if not all(sep for _, sep, _ in pairs):
@@ -183,13 +213,16 @@ def _from_text(where: str, kind: type[Any], value: str) -> Any:
 def _convert(where: str, f: dataclasses.Field[Any], value: Any, text: bool = False) -> Any:
     """Check ``value`` for field ``f``; ``text`` values (environment) are parsed first."""
     kind = f.metadata["kind"]
+    item = f.metadata["item"]
     if text:
-        value = _from_text(where, kind, value)
+        value = _from_text(where, kind, value, item)
     if kind is float and type(value) is int:
         value = float(value)
     if kind is tuple and isinstance(value, list):
-        if not all(isinstance(item, str) for item in value):
-            raise ConfigError(f"{where}: expected a list of strings")
+        if not all(type(entry) is item for entry in value):
+            raise ConfigError(
+                f"{where}: expected a list of {'integers' if item is int else 'strings'}"
+            )
         value = tuple(value)
     if (
         kind is dict

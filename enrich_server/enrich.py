@@ -22,7 +22,7 @@ from enrich_server.guard import LoadGuard
 from enrich_server.keys import request_keys
 from enrich_server.metrics import Tally
 from enrich_server.openrtb import decode
-from enrich_server.privacy import PrivacyPolicy, suppression_reason
+from enrich_server.privacy import Privacy
 from enrich_server.store import SegmentStore
 
 #: Index accepts at most this many segment ids in one answer.
@@ -50,7 +50,7 @@ class EnrichEndpoint:
     def __init__(
         self,
         config: EnrichConfig,
-        policy: PrivacyPolicy,
+        privacy: Privacy,
         guard: LoadGuard,
         tally: Tally,
         auth: EndpointAuth | None = None,
@@ -61,7 +61,7 @@ class EnrichEndpoint:
         # None when nothing is configured: an open endpoint pays one `is None` per call.
         self._auth = auth if auth is not None and auth.enabled else None
         self._bearer_challenge = auth is not None and auth.signer is not None
-        self._policy = policy
+        self._privacy = privacy
         self._max_body = config.max_body
         self._max_age = config.max_age
         self._full_cache = b"max-age=%d" % config.max_age
@@ -83,7 +83,7 @@ class EnrichEndpoint:
         if store is None:
             return NO_CACHE, EMPTY_BODY
         user, context = request_keys(request)
-        reason = suppression_reason(request, self._policy)
+        reason = self._privacy.suppression_reason(request)
         tally = self.tally
         if reason is None:
             keys = user + context

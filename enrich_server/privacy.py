@@ -1,14 +1,20 @@
 """Privacy policy: whether a request may receive user-level segments at all.
 
-Pure functions over a decoded ``BidRequest``. Contextual segments (``domain:``, ``bundle:``,
-``gpid:``) are never affected: they describe the page, not the person.
+Built once from configuration; pure apart from a cache of consent decisions. Contextual
+segments (``domain:``, ``bundle:``, ``gpid:``) are never affected: they describe the page, not
+the person.
 
 | signal | effect |
 |---|---|
 | ``regs.coppa == 1`` | no user-level segments (reason ``coppa``) |
 | ``us_privacy`` third character ``Y`` (``1YYN``) | no user-level segments (``us_privacy``) |
-| ``gdpr == 1`` without a consent string | no user-level segments (``gdpr_no_consent``) |
+| ``gdpr == 1`` without a consent string, or one that is not TCF v2 | none (``gdpr_no_consent``) |
+| ``gdpr == 1``, TCF v2 string without the purposes/vendor we need | none (``gdpr_denied``) |
 | ``device.lmt == 1`` or an all-zero ifa | the ``ifa:`` key alone is skipped (see ``keys``) |
+
+TCF: every configured purpose (default 1, 3, 4) must be allowed, by consent (purpose and, if
+``gdpr_vendor_id`` is set, our vendor) or by legitimate interest where the TCF policy permits
+it: never for purpose 1, and not for purposes 3-6 from policy version 4 (TCF 2.2) on.
 """
 
 from __future__ import annotations
@@ -16,17 +22,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from enrich_server import tcf
 from enrich_server.openrtb import BidRequest, consent, gdpr, us_privacy
 
 COPPA: Final = "coppa"
 US_PRIVACY: Final = "us_privacy"
 GDPR_NO_CONSENT: Final = "gdpr_no_consent"
+GDPR_DENIED: Final = "gdpr_denied"
 
 #: Every suppression reason, for metrics labels (a bounded set).
-REASONS: Final = (COPPA, US_PRIVACY, GDPR_NO_CONSENT)
+REASONS: Final = (COPPA, US_PRIVACY, GDPR_NO_CONSENT, GDPR_DENIED)
 
 # Index 2 of the IAB US Privacy string ("1YYN") is "opt-out of sale".
 _US_PRIVACY_OPT_OUT_INDEX: Final = 2
+# TCF policy version 4 (TCF 2.2) removed legitimate interest as a basis for purposes 3-6.
+_TCF_22_POLICY: Final = 4
+_CONSENT_ONLY_FROM_22: Final = frozenset({3, 4, 5, 6})
+_MAX_CACHED: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,23 +48,77 @@ class PrivacyPolicy:
     honour_coppa: bool = True
     honour_us_privacy: bool = True
     require_gdpr_consent: bool = True
+    gdpr_vendor_id: int = 0
+    """Our TCF vendor id; 0 checks purposes only."""
+    gdpr_purposes: tuple[int, ...] = (1, 3, 4)
+
+
+def purposes_allowed(tc: tcf.CoreView, purposes: tuple[int, ...], vendor: int) -> bool:
+    """Whether every purpose in ``purposes`` has a legal basis for ``vendor`` (0 = any).
+
+    Raises ``tcf.ConsentError`` when the vendor sections are truncated.
+    """
+    vendor_consent, vendor_li = tc.vendor(vendor) if vendor else (True, True)
+    for purpose in purposes:
+        if tc.purpose_consent(purpose) and vendor_consent:
+            continue
+        li_possible = purpose != 1 and not (
+            tc.policy_version >= _TCF_22_POLICY and purpose in _CONSENT_ONLY_FROM_22
+        )
+        if li_possible and tc.purpose_li(purpose) and vendor_li:
+            continue
+        return False
+    return True
+
+
+class Privacy:
+    """Applies a ``PrivacyPolicy`` to requests; consent strings are decided once each."""
+
+    def __init__(self, policy: PrivacyPolicy | None = None) -> None:
+        self.policy = policy if policy is not None else PrivacyPolicy()
+        self._decisions: dict[str, str | None] = {}
+
+    def suppression_reason(self, request: BidRequest) -> str | None:
+        """Why user-level segments must be withheld, or ``None`` when they may be served."""
+        regs = request.regs
+        if regs is None:
+            return None  # no regulation signal at all: the common case, decided at once
+        policy = self.policy
+        if policy.honour_coppa and regs.coppa == 1:
+            return COPPA
+        usp = us_privacy(regs)
+        if (
+            policy.honour_us_privacy
+            and usp is not None
+            and len(usp) > _US_PRIVACY_OPT_OUT_INDEX
+            and usp[_US_PRIVACY_OPT_OUT_INDEX] in "Yy"
+        ):
+            return US_PRIVACY
+        if policy.require_gdpr_consent and gdpr(regs) == 1:
+            return self._consent_reason(consent(request.user))
+        return None
+
+    def _consent_reason(self, consent_string: str | None) -> str | None:
+        if not consent_string:
+            return GDPR_NO_CONSENT
+        try:
+            return self._decisions[consent_string]
+        except KeyError:
+            pass
+        policy = self.policy
+        try:
+            tc = tcf.CoreView(consent_string)
+            allowed = purposes_allowed(tc, policy.gdpr_purposes, policy.gdpr_vendor_id)
+        except tcf.ConsentError:
+            decision: str | None = GDPR_NO_CONSENT
+        else:
+            decision = None if allowed else GDPR_DENIED
+        if len(self._decisions) >= _MAX_CACHED:
+            self._decisions.clear()
+        self._decisions[consent_string] = decision
+        return decision
 
 
 def suppression_reason(request: BidRequest, policy: PrivacyPolicy) -> str | None:
-    """Return why user-level segments must be withheld, or ``None`` when they may be served."""
-    regs = request.regs
-    if regs is None:
-        return None  # no regulation signal at all: the common case, decided at once
-    if policy.honour_coppa and regs.coppa == 1:
-        return COPPA
-    usp = us_privacy(regs)
-    if (
-        policy.honour_us_privacy
-        and usp is not None
-        and len(usp) > _US_PRIVACY_OPT_OUT_INDEX
-        and usp[_US_PRIVACY_OPT_OUT_INDEX] in "Yy"
-    ):
-        return US_PRIVACY
-    if policy.require_gdpr_consent and gdpr(regs) == 1 and not consent(request.user):
-        return GDPR_NO_CONSENT
-    return None
+    """One-off form of ``Privacy.suppression_reason`` (tests, tools); no cache kept."""
+    return Privacy(policy).suppression_reason(request)

@@ -31,6 +31,7 @@ from bench.redis_server import redis_server
 from enrich_server.app import create_app
 from enrich_server.config import load_config
 from tests.conftest import StoreFactory
+from tests.tcf_strings import CONSENTED
 from tests.utils import ROOT, free_port
 
 JSON_HEADERS = {"content-type": "application/json"}
@@ -255,7 +256,7 @@ def test_redis_server_reports_missing_binary() -> None:
 def test_fastapi_redis_matches_enrich_server_on_example_snapshot(
     compare: Compare, seed_bodies: dict[str, bytes]
 ) -> None:
-    user = {"id": "AbcdEfgHijklmnoP", "ext": {"consent": "CPXxRfAPXxRfAAfKABENB-CgAAAAAA"}}
+    user = {"id": "AbcdEfgHijklmnoP", "ext": {"consent": CONSENTED}}
     site = {"domain": "Example.COM"}
     device = {"ifa": "AAAAAAAA-EBAD-aaaa-aaaa-aaaaaaa"}
     gpid = "/1234567/home/mpu/atf"

@@ -36,11 +36,11 @@ def test_micro_bench_runs(tmp_path: Path) -> None:
     )  # fmt: skip
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["case"] for row in rows] == [
-        "seed_app", "seed_ctv", "seed_web", "synthetic_hit", "miss",
+        "seed_app", "seed_ctv", "seed_web", "seed_app_gdpr", "synthetic_hit", "miss",
     ]  # fmt: skip
     for row in rows:
         assert row["store_identities"] > 2000
-        for part in ("total", "decode", "keys", "lookup", "metrics"):
+        for part in ("total", "decode", "keys", "lookup", "metrics", "auth", "privacy"):
             assert 0 < row[f"{part}_us_min"] <= row[f"{part}_us_median"]
         assert (row["segments"] > 0) == (row["case"] != "miss")
 

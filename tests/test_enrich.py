@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from enrich_server.app import create_app
 from enrich_server.config import load_config
 from enrich_server.enrich import MAX_SEGMENTS
 from tests.conftest import StoreFactory
+from tests.tcf_strings import CONSENTED
 
 ClientFactory = Callable[..., TestClient]
 
@@ -123,7 +125,8 @@ def test_enrich_privacy_keeps_only_contextual(client_for: ClientFactory, regs: s
 
 def test_enrich_gdpr_with_consent_serves_user_level(client_for: ClientFactory) -> None:
     client = client_for("uid:u\tuser\n")
-    body = b'{"user":{"id":"u","ext":{"consent":"CPXxRfAPXxRfA"}},"regs":{"ext":{"gdpr":1}}}'
+    request = {"user": {"id": "u", "ext": {"consent": CONSENTED}}, "regs": {"ext": {"gdpr": 1}}}
+    body = json.dumps(request).encode()
     assert client.post("/enrich", content=body).json() == {"segment_ids": ["user"]}
 
 

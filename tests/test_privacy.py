@@ -1,15 +1,36 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from enrich_server.openrtb import decode
 from enrich_server.privacy import (
     COPPA,
+    GDPR_DENIED,
     GDPR_NO_CONSENT,
     US_PRIVACY,
+    Privacy,
     PrivacyPolicy,
     suppression_reason,
 )
+from tests.tcf_strings import CONSENTED, core_string
+
+# Real TCF v2 strings from a published decoder's test suite (GDPR-IAB-TCFv2 on CPAN):
+# purposes consented 1, 3, 9, 10 (LI 3, 4, 5, 8, 9, 10), policy version 2, vendor 2
+# consented but without legitimate interest, vendor 27 both ...
+BITFIELD = "CLcVDxRMWfGmWAVAHCENAXCkAKDAADnAABRgA5mdfCKZuYJez-NQm0TBMYA4oCAAGQYIAAAAAAEAIAEgAA"
+# ... and no purpose consented at all (vendors as ranges).
+RANGES = "COyfVVoOyfVVoADACHENAwCAAAAAAAAAAAAAE5QBgALgAqgD8AQACSwEygJyAnSAMABgAFkAgQCDASeAmYBOgAA"
+
+
+def gdpr_body(consent: str | None, placement: str = "user") -> bytes:
+    request: dict[str, object] = {"regs": {"gdpr": 1}}
+    if consent is not None:
+        request["user"] = (
+            {"consent": consent} if placement == "user" else {"ext": {"consent": consent}}
+        )
+    return json.dumps(request).encode()
 
 
 @pytest.mark.parametrize(
@@ -25,21 +46,67 @@ from enrich_server.privacy import (
         pytest.param(b'{"regs":{"us_privacy":"1YNN"}}', None, id="usp-notice-only"),
         pytest.param(b'{"regs":{"us_privacy":"1---"}}', None, id="usp-not-applicable"),
         pytest.param(b'{"regs":{"us_privacy":"1Y"}}', None, id="usp-short"),
-        pytest.param(b'{"regs":{"gdpr":1}}', GDPR_NO_CONSENT, id="gdpr-no-consent"),
+        pytest.param(gdpr_body(None), GDPR_NO_CONSENT, id="gdpr-no-consent"),
         pytest.param(b'{"regs":{"ext":{"gdpr":1}}}', GDPR_NO_CONSENT, id="gdpr-ext"),
-        pytest.param(
-            b'{"regs":{"gdpr":1},"user":{"consent":""}}', GDPR_NO_CONSENT, id="gdpr-empty-consent"
-        ),
-        pytest.param(b'{"regs":{"gdpr":1},"user":{"consent":"CPXxRfA"}}', None, id="gdpr-ok"),
-        pytest.param(
-            b'{"regs":{"gdpr":1},"user":{"ext":{"consent":"CPXxRfA"}}}', None, id="gdpr-ok-ext"
-        ),
+        pytest.param(gdpr_body(""), GDPR_NO_CONSENT, id="gdpr-empty-consent"),
+        pytest.param(gdpr_body("not a tcf string!"), GDPR_NO_CONSENT, id="gdpr-malformed"),
+        pytest.param(gdpr_body("BOEFEAyOEFEAyAHABDENAI4AAAB9vABAASA"), GDPR_NO_CONSENT,
+                     id="gdpr-tcf-v1"),
+        pytest.param(gdpr_body(CONSENTED), None, id="gdpr-consented"),
+        pytest.param(gdpr_body(CONSENTED, "ext"), None, id="gdpr-consented-ext"),
+        pytest.param(gdpr_body(RANGES), GDPR_DENIED, id="gdpr-real-no-purposes"),
+        pytest.param(gdpr_body(BITFIELD), None, id="gdpr-real-purpose-4-by-li-policy-v2"),
         pytest.param(b'{"regs":{"gdpr":0}}', None, id="gdpr-0"),
         pytest.param(b'{"regs":{"coppa":1,"us_privacy":"1YYN"}}', COPPA, id="coppa-first"),
     ],
-)
+)  # fmt: skip
 def test_suppression_reason_default_policy(body: bytes, reason: str | None) -> None:
     assert suppression_reason(decode(body), PrivacyPolicy()) == reason
+
+
+@pytest.mark.parametrize(
+    ("consent", "policy", "allowed"),
+    [
+        # the real string: purpose 1 consented, 3 consented, 4 by legitimate interest only
+        pytest.param(BITFIELD, PrivacyPolicy(gdpr_purposes=(1, 3)), True, id="real-1-3"),
+        pytest.param(BITFIELD, PrivacyPolicy(gdpr_purposes=(1, 3, 4)), True,
+                     id="real-4-by-li-policy-v2"),
+        pytest.param(BITFIELD, PrivacyPolicy(gdpr_purposes=(1, 3, 4), gdpr_vendor_id=2), False,
+                     id="real-4-by-li-but-vendor-2-has-no-li"),
+        pytest.param(BITFIELD, PrivacyPolicy(gdpr_purposes=(1, 3, 4), gdpr_vendor_id=27), True,
+                     id="real-vendor-27-consent-and-li"),
+        pytest.param(BITFIELD, PrivacyPolicy(gdpr_purposes=(1, 3), gdpr_vendor_id=2), True,
+                     id="real-vendor-2-consented"),
+        pytest.param(BITFIELD, PrivacyPolicy(gdpr_purposes=(1, 3), gdpr_vendor_id=4), False,
+                     id="real-vendor-4-not-consented"),
+        pytest.param(BITFIELD, PrivacyPolicy(gdpr_purposes=(9,), gdpr_vendor_id=1), True,
+                     id="real-vendor-1-by-li"),
+        # legitimate interest: never for purpose 1; for 3-6 only before TCF 2.2 (policy 4)
+        pytest.param(core_string(purposes_li=(1,)), PrivacyPolicy(gdpr_purposes=(1,)), False,
+                     id="li-purpose-1"),
+        pytest.param(core_string(purposes_li=(4,)), PrivacyPolicy(gdpr_purposes=(4,)), True,
+                     id="li-purpose-4-policy-2"),
+        pytest.param(core_string(purposes_li=(4,), policy_version=4),
+                     PrivacyPolicy(gdpr_purposes=(4,)), False, id="li-purpose-4-tcf-22"),
+        pytest.param(core_string(purposes_li=(7,), vendors_li=(9,), policy_version=4),
+                     PrivacyPolicy(gdpr_purposes=(7,), gdpr_vendor_id=9), True,
+                     id="li-purpose-7-tcf-22"),
+        pytest.param(core_string(purposes_consent=(1, 3, 4), vendors_consent=(5,)),
+                     PrivacyPolicy(gdpr_vendor_id=6), False, id="our-vendor-missing"),
+    ],
+)  # fmt: skip
+def test_tcf_purposes_and_vendor(consent: str, policy: PrivacyPolicy, allowed: bool) -> None:
+    reason = suppression_reason(decode(gdpr_body(consent)), policy)
+    assert reason == (None if allowed else GDPR_DENIED)
+
+
+def test_consent_decisions_are_cached_by_value() -> None:
+    privacy = Privacy()
+    request = decode(gdpr_body(CONSENTED))
+    assert privacy.suppression_reason(request) is None
+    assert privacy._decisions == {CONSENTED: None}
+    assert privacy.suppression_reason(decode(gdpr_body("junk"))) == GDPR_NO_CONSENT
+    assert len(privacy._decisions) == 2
 
 
 def test_suppression_reason_switches_off() -> None:

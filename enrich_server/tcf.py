@@ -1,0 +1,165 @@
+"""A decoder for the core segment of IAB TCF v2 consent strings (the part we act on).
+
+No maintained TCF v2 decoder exists on PyPI, so this reads the core segment as the IAB spec
+("Consent string and vendor list formats v2", "The core string") lays it out: fixed-width
+fields, then the vendor consent and vendor legitimate-interest sections, each a bit field or
+a list of ranges. Publisher restrictions and the other segments are not needed to decide
+whether we may use a user's data, and are not read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Final
+
+# Core segment offsets, in bits.
+_VERSION: Final = (0, 6)
+_POLICY_VERSION: Final = (132, 6)
+_SPECIAL_FEATURES: Final = (140, 12)
+_PURPOSES_CONSENT: Final = (152, 24)
+_PURPOSES_LI: Final = (176, 24)
+_PURPOSE_ONE_TREATMENT: Final = (200, 1)
+_VENDOR_SECTION: Final = 213
+
+
+class ConsentError(ValueError):
+    """The string is not a TCF v2 consent string we can read."""
+
+
+@dataclass(frozen=True, slots=True)
+class TCString:
+    """The decoded core segment: purposes, vendors, and the policy version that governs them."""
+
+    version: int
+    policy_version: int
+    purpose_one_treatment: bool
+    purposes_consent: frozenset[int]
+    purposes_legitimate_interest: frozenset[int]
+    special_features: frozenset[int]
+    vendors_consent: frozenset[int]
+    vendors_legitimate_interest: frozenset[int]
+
+
+class _Bits:
+    def __init__(self, data: bytes) -> None:
+        self.value = int.from_bytes(data, "big")
+        self.size = len(data) * 8
+
+    def read(self, offset: int, width: int) -> int:
+        if offset + width > self.size:
+            raise ConsentError("consent string is truncated")
+        return (self.value >> (self.size - offset - width)) & ((1 << width) - 1)
+
+    def set_of(self, offset: int, width: int) -> frozenset[int]:
+        field = self.read(offset, width)
+        return frozenset(i + 1 for i in range(width) if field >> (width - 1 - i) & 1)
+
+
+def _vendor_has(bits: _Bits, offset: int, vendor: int) -> tuple[bool, int]:
+    """Whether the vendor section at ``offset`` lists ``vendor``; and the next offset."""
+    max_vendor = bits.read(offset, 16)
+    offset += 16
+    if not bits.read(offset, 1):
+        found = 1 <= vendor <= max_vendor and bool(bits.read(offset + vendor, 1))
+        return found, offset + 1 + max_vendor
+    entries = bits.read(offset + 1, 12)
+    offset += 13
+    found = False
+    for _ in range(entries):
+        is_range = bits.read(offset, 1)
+        start = bits.read(offset + 1, 16)
+        offset += 17
+        end = start
+        if is_range:
+            end = bits.read(offset, 16)
+            offset += 16
+        found = found or start <= vendor <= end
+    return found, offset
+
+
+class CoreView:
+    """The fields of a core segment the privacy policy reads, decoded on demand.
+
+    A full decode builds every vendor set (50-70 us); a policy needs two purpose bit masks
+    and at most one vendor's bits, which this reads straight from the bit string.
+    """
+
+    __slots__ = ("_bits", "policy_version", "purposes_consent", "purposes_li")
+
+    def __init__(self, consent: str) -> None:
+        core = consent.split(".", 1)[0].strip()
+        try:
+            data = base64.urlsafe_b64decode(core + "=" * (-len(core) % 4))
+        except (binascii.Error, ValueError) as exc:
+            raise ConsentError(f"not base64url: {exc}") from None
+        self._bits = _Bits(data)
+        version = self._bits.read(*_VERSION)
+        if version != 2:
+            raise ConsentError(f"TCF version {version}, not 2")
+        self.policy_version = self._bits.read(*_POLICY_VERSION)
+        self.purposes_consent = self._bits.read(*_PURPOSES_CONSENT)
+        self.purposes_li = self._bits.read(*_PURPOSES_LI)
+
+    def purpose_consent(self, purpose: int) -> bool:
+        """Whether purpose ``purpose`` (1-24) has the user's consent."""
+        return bool(self.purposes_consent >> (24 - purpose) & 1)
+
+    def purpose_li(self, purpose: int) -> bool:
+        """Whether purpose ``purpose`` (1-24) is established by legitimate interest."""
+        return bool(self.purposes_li >> (24 - purpose) & 1)
+
+    def vendor(self, vendor: int) -> tuple[bool, bool]:
+        """(consent, legitimate interest) of ``vendor``; raises ``ConsentError`` if truncated."""
+        consented, offset = _vendor_has(self._bits, _VENDOR_SECTION, vendor)
+        li, _ = _vendor_has(self._bits, offset, vendor)
+        return consented, li
+
+
+def _vendor_section(bits: _Bits, offset: int) -> tuple[frozenset[int], int]:
+    """One vendor section (bit field or ranges); returns the vendor ids and the next offset."""
+    max_vendor = bits.read(offset, 16)
+    offset += 16
+    if not bits.read(offset, 1):  # a bit field, one bit per vendor id
+        return bits.set_of(offset + 1, max_vendor), offset + 1 + max_vendor
+    entries = bits.read(offset + 1, 12)
+    offset += 13
+    vendors: set[int] = set()
+    for _ in range(entries):
+        is_range = bits.read(offset, 1)
+        start = bits.read(offset + 1, 16)
+        offset += 17
+        end = start
+        if is_range:
+            end = bits.read(offset, 16)
+            offset += 16
+        if end < start or end > max_vendor:
+            raise ConsentError("vendor range out of order or past the maximum vendor id")
+        vendors.update(range(start, end + 1))
+    return frozenset(vendors), offset
+
+
+def decode(consent: str) -> TCString:
+    """Decode the core segment of a TCF v2 string; raises ``ConsentError`` if it is not one."""
+    core = consent.split(".", 1)[0].strip()
+    try:
+        data = base64.urlsafe_b64decode(core + "=" * (-len(core) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise ConsentError(f"not base64url: {exc}") from None
+    bits = _Bits(data)
+    version = bits.read(*_VERSION)
+    if version != 2:
+        raise ConsentError(f"TCF version {version}, not 2")
+    vendors_consent, offset = _vendor_section(bits, _VENDOR_SECTION)
+    vendors_li, _ = _vendor_section(bits, offset)
+    return TCString(
+        version=version,
+        policy_version=bits.read(*_POLICY_VERSION),
+        purpose_one_treatment=bool(bits.read(*_PURPOSE_ONE_TREATMENT)),
+        purposes_consent=bits.set_of(*_PURPOSES_CONSENT),
+        purposes_legitimate_interest=bits.set_of(*_PURPOSES_LI),
+        special_features=bits.set_of(*_SPECIAL_FEATURES),
+        vendors_consent=vendors_consent,
+        vendors_legitimate_interest=vendors_li,
+    )
