@@ -67,6 +67,7 @@ def create_app(config: Config) -> EnrichServer:
             honour_coppa=config.privacy.coppa,
             honour_us_privacy=config.privacy.us_privacy,
             require_gdpr_consent=config.privacy.gdpr,
+            honour_gpp=config.privacy.gpp,
             gdpr_vendor_id=config.privacy.gdpr_vendor_id,
             gdpr_purposes=config.privacy.gdpr_purposes,
         )

@@ -150,6 +150,7 @@ class PrivacyConfig:
     coppa: bool = _opt(True, "honour regs.coppa == 1")
     us_privacy: bool = _opt(True, "honour a US Privacy opt-out of sale (1YYN)")
     gdpr: bool = _opt(True, "under gdpr == 1, require a TCF v2 string allowing the purposes")
+    gpp: bool = _opt(True, "honour the US opt-outs (and TCF/USP sections) of regs.gpp")
     gdpr_vendor_id: int = _opt(0, "our TCF vendor id; 0 = check purposes only", _not_negative)
     gdpr_purposes: tuple[int, ...] = _opt(
         (1, 3, 4), "TCF purposes that must be allowed (consent, or LI where TCF permits)",

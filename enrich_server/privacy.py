@@ -10,7 +10,15 @@ the person.
 | ``us_privacy`` third character ``Y`` (``1YYN``) | no user-level segments (``us_privacy``) |
 | ``gdpr == 1`` without a consent string, or one that is not TCF v2 | none (``gdpr_no_consent``) |
 | ``gdpr == 1``, TCF v2 string without the purposes/vendor we need | none (``gdpr_denied``) |
+| ``regs.gpp``: a US section (national, CA, VA, CO, UT, CT) with a sale, sharing or
+  targeted-advertising opt-out | none (``gpp_opt_out``) |
+| ``regs.gpp``: its TCF EU or US Privacy section | as the TCF / US Privacy rows |
+| ``regs.gpp`` unreadable, or an applicable section we cannot read | none (``gpp_unreadable``) |
 | ``device.lmt == 1`` or an all-zero ifa | the ``ifa:`` key alone is skipped (see ``keys``) |
+
+GPP sections apply when listed in ``regs.gpp_sid`` (all sections of the string when it is
+absent). An applicable section we cannot read withholds user-level segments: an opt-out we
+cannot see must not be ignored.
 
 TCF: every configured purpose (default 1, 3, 4) must be allowed, by consent (purpose and, if
 ``gdpr_vendor_id`` is set, our vendor) or by legitimate interest where the TCF policy permits
@@ -22,16 +30,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from enrich_server import tcf
+from enrich_server import gpp, tcf
 from enrich_server.openrtb import BidRequest, consent, gdpr, us_privacy
 
 COPPA: Final = "coppa"
 US_PRIVACY: Final = "us_privacy"
 GDPR_NO_CONSENT: Final = "gdpr_no_consent"
 GDPR_DENIED: Final = "gdpr_denied"
+GPP_OPT_OUT: Final = "gpp_opt_out"
+GPP_UNREADABLE: Final = "gpp_unreadable"
 
 #: Every suppression reason, for metrics labels (a bounded set).
-REASONS: Final = (COPPA, US_PRIVACY, GDPR_NO_CONSENT, GDPR_DENIED)
+REASONS: Final = (COPPA, US_PRIVACY, GDPR_NO_CONSENT, GDPR_DENIED, GPP_OPT_OUT, GPP_UNREADABLE)
 
 # Index 2 of the IAB US Privacy string ("1YYN") is "opt-out of sale".
 _US_PRIVACY_OPT_OUT_INDEX: Final = 2
@@ -48,6 +58,7 @@ class PrivacyPolicy:
     honour_coppa: bool = True
     honour_us_privacy: bool = True
     require_gdpr_consent: bool = True
+    honour_gpp: bool = True
     gdpr_vendor_id: int = 0
     """Our TCF vendor id; 0 checks purposes only."""
     gdpr_purposes: tuple[int, ...] = (1, 3, 4)
@@ -77,6 +88,7 @@ class Privacy:
     def __init__(self, policy: PrivacyPolicy | None = None) -> None:
         self.policy = policy if policy is not None else PrivacyPolicy()
         self._decisions: dict[str, str | None] = {}
+        self._gpp_decisions: dict[tuple[str, tuple[int, ...]], str | None] = {}
 
     def suppression_reason(self, request: BidRequest) -> str | None:
         """Why user-level segments must be withheld, or ``None`` when they may be served."""
@@ -86,16 +98,53 @@ class Privacy:
         policy = self.policy
         if policy.honour_coppa and regs.coppa == 1:
             return COPPA
-        usp = us_privacy(regs)
-        if (
-            policy.honour_us_privacy
-            and usp is not None
-            and len(usp) > _US_PRIVACY_OPT_OUT_INDEX
-            and usp[_US_PRIVACY_OPT_OUT_INDEX] in "Yy"
-        ):
+        if policy.honour_us_privacy and _usp_opted_out(us_privacy(regs)):
             return US_PRIVACY
         if policy.require_gdpr_consent and gdpr(regs) == 1:
-            return self._consent_reason(consent(request.user))
+            reason = self._consent_reason(consent(request.user))
+            if reason is not None:
+                return reason
+        if policy.honour_gpp and regs.gpp:
+            return self._gpp_reason(regs.gpp, tuple(regs.gpp_sid or ()))
+        return None
+
+    def _gpp_reason(self, gpp_string: str, applicable: tuple[int, ...]) -> str | None:
+        key = (gpp_string, applicable)
+        try:
+            return self._gpp_decisions[key]
+        except KeyError:
+            pass
+        decision = self._decide_gpp(gpp_string, applicable)
+        if len(self._gpp_decisions) >= _MAX_CACHED:
+            self._gpp_decisions.clear()
+        self._gpp_decisions[key] = decision
+        return decision
+
+    def _decide_gpp(self, gpp_string: str, applicable: tuple[int, ...]) -> str | None:
+        try:
+            sections = gpp.parse(gpp_string)
+        except gpp.GppError:
+            return GPP_UNREADABLE
+        for section_id in applicable or tuple(sections):
+            section = sections.get(section_id)
+            if section is None:
+                continue  # listed as applicable but not carried: nothing to honour
+            if section_id == gpp.TCF_EU:
+                if self.policy.require_gdpr_consent:
+                    reason = self._consent_reason(section)
+                    if reason is not None:
+                        return reason
+            elif section_id == gpp.US_PRIVACY:
+                if self.policy.honour_us_privacy and _usp_opted_out(section):
+                    return US_PRIVACY
+            elif section_id in gpp.US_OPT_OUT_OFFSETS:
+                try:
+                    if gpp.us_opted_out(section_id, section):
+                        return GPP_OPT_OUT
+                except gpp.GppError:
+                    return GPP_UNREADABLE
+            else:
+                return GPP_UNREADABLE
         return None
 
     def _consent_reason(self, consent_string: str | None) -> str | None:
@@ -117,6 +166,14 @@ class Privacy:
             self._decisions.clear()
         self._decisions[consent_string] = decision
         return decision
+
+
+def _usp_opted_out(usp: str | None) -> bool:
+    return (
+        usp is not None
+        and len(usp) > _US_PRIVACY_OPT_OUT_INDEX
+        and usp[_US_PRIVACY_OPT_OUT_INDEX] in "Yy"
+    )
 
 
 def suppression_reason(request: BidRequest, policy: PrivacyPolicy) -> str | None:

@@ -9,8 +9,6 @@ whether we may use a user's data, and are not read.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass
 from typing import Final
 
@@ -42,10 +40,28 @@ class TCString:
     vendors_legitimate_interest: frozenset[int]
 
 
+_ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_SEXTETS: Final = {char: index for index, char in enumerate(_ALPHABET)}
+
+
+def base64url_bits(text: str) -> tuple[int, int]:
+    """The bits of a base64url string as (integer, bit count), six bits a character.
+
+    IAB strings are cut at any character (a length that standard base64 would call invalid
+    is fine), so characters are decoded one by one rather than as bytes.
+    """
+    value = 0
+    try:
+        for char in text:
+            value = value << 6 | _SEXTETS[char]
+    except KeyError:
+        raise ConsentError(f"not base64url: {char!r}") from None
+    return value, len(text) * 6
+
+
 class _Bits:
-    def __init__(self, data: bytes) -> None:
-        self.value = int.from_bytes(data, "big")
-        self.size = len(data) * 8
+    def __init__(self, text: str) -> None:
+        self.value, self.size = base64url_bits(text)
 
     def read(self, offset: int, width: int) -> int:
         if offset + width > self.size:
@@ -89,12 +105,7 @@ class CoreView:
     __slots__ = ("_bits", "policy_version", "purposes_consent", "purposes_li")
 
     def __init__(self, consent: str) -> None:
-        core = consent.split(".", 1)[0].strip()
-        try:
-            data = base64.urlsafe_b64decode(core + "=" * (-len(core) % 4))
-        except (binascii.Error, ValueError) as exc:
-            raise ConsentError(f"not base64url: {exc}") from None
-        self._bits = _Bits(data)
+        self._bits = _Bits(consent.split(".", 1)[0].strip())
         version = self._bits.read(*_VERSION)
         if version != 2:
             raise ConsentError(f"TCF version {version}, not 2")
@@ -142,12 +153,7 @@ def _vendor_section(bits: _Bits, offset: int) -> tuple[frozenset[int], int]:
 
 def decode(consent: str) -> TCString:
     """Decode the core segment of a TCF v2 string; raises ``ConsentError`` if it is not one."""
-    core = consent.split(".", 1)[0].strip()
-    try:
-        data = base64.urlsafe_b64decode(core + "=" * (-len(core) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise ConsentError(f"not base64url: {exc}") from None
-    bits = _Bits(data)
+    bits = _Bits(consent.split(".", 1)[0].strip())
     version = bits.read(*_VERSION)
     if version != 2:
         raise ConsentError(f"TCF version {version}, not 2")

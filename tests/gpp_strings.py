@@ -1,0 +1,54 @@
+"""Build GPP strings for tests: a header listing section ids, and US sections with chosen
+opt-outs. Real strings seen in traffic check the decoder too (tests/test_gpp.py)."""
+
+from __future__ import annotations
+
+import base64
+
+
+def _b64(bits: str) -> str:
+    bits += "0" * (-len(bits) % 6)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    return "".join(alphabet[int(bits[i : i + 6], 2)] for i in range(0, len(bits), 6))
+
+
+def _fibonacci(value: int) -> str:
+    fibs = [1, 2]
+    while fibs[-1] <= value:
+        fibs.append(fibs[-1] + fibs[-2])
+    bits = ["0"] * len(fibs)
+    for i in range(len(fibs) - 1, -1, -1):
+        if fibs[i] <= value:
+            bits[i] = "1"
+            value -= fibs[i]
+    return "".join(bits).rstrip("0") + "1"
+
+
+def header(ids: list[int]) -> str:
+    """A GPP header listing ``ids`` (one single-id entry each)."""
+    bits = f"{3:06b}{1:06b}{len(ids):012b}"
+    last = 0
+    for section in ids:
+        bits += "0" + _fibonacci(section - last)
+        last = section
+    return _b64(bits)
+
+
+def us_section(opt_outs: dict[int, int], width: int = 30) -> str:
+    """A US section (version 1) with 2-bit values at the given bit offsets, zero elsewhere."""
+    bits = ["0"] * width
+    bits[5] = "1"  # version 1
+    for offset, value in opt_outs.items():
+        bits[offset : offset + 2] = list(f"{value:02b}")
+    return _b64("".join(bits))
+
+
+def gpp_string(sections: dict[int, str]) -> str:
+    """``header~section~...`` for sections in id order."""
+    ids = sorted(sections)
+    return "~".join([header(ids), *(sections[i] for i in ids)])
+
+
+def b64url(data: bytes) -> str:
+    """base64url without padding (what GPP sections use)."""
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
