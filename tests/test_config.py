@@ -92,3 +92,62 @@ def test_shipped_example_config_loads() -> None:
     config = load_config(Path(__file__).resolve().parent.parent / "deploy" / "enrich-server.toml")
     assert config.server.store == "/var/lib/enrich-server/segments.lmdb"
     assert config.enrich.path == "/enrich"
+
+
+def test_auth_and_privacy_tables(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[enrich]\nmax_age = 60\n[enrich.auth]\nheader = "X-Api-Key"\ntokens = ["a", "b"]\n'
+        'oauth_clients = { index = "s" }\nallow_cidrs = ["203.0.113.0/24", "2001:db8::/32"]\n'
+        "[privacy]\ngdpr_vendor_id = 42\ngdpr_purposes = [1, 2]\ngpp = false\n"
+    )
+    config = load_config(path)
+    assert config.enrich.max_age == 60
+    assert config.auth.header == "X-Api-Key"
+    assert config.auth.tokens == ("a", "b")
+    assert config.auth.oauth_clients == {"index": "s"}
+    assert config.auth.allow_cidrs == ("203.0.113.0/24", "2001:db8::/32")
+    assert (config.privacy.gdpr_vendor_id, config.privacy.gdpr_purposes) == (42, (1, 2))
+    assert config.privacy.gpp is False
+    assert from_json(to_json(config)) == config
+
+
+def test_lists_maps_and_booleans_from_environment() -> None:
+    config = load_config(
+        environ={
+            "ENRICH_ENRICH_AUTH_TOKENS": "t1, t2",
+            "ENRICH_ENRICH_AUTH_OAUTH_CLIENTS": "index=s1,other=s2",
+            "ENRICH_PRIVACY_GDPR_PURPOSES": "1,3",
+            "ENRICH_PRIVACY_COPPA": "false",
+        }
+    )
+    assert config.auth.tokens == ("t1", "t2")
+    assert config.auth.oauth_clients == {"index": "s1", "other": "s2"}
+    assert config.privacy.gdpr_purposes == (1, 3)
+    assert config.privacy.coppa is False
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[enrich.auth]\nallow_cidrs = ["10.0.0.0/33"]\n', "not an IPv4 or IPv6 address or CIDR"),
+        ("[enrich.auth]\ntokens = [1]\n", "expected a list of strings"),
+        ('[enrich.auth]\ntokens = [""]\n', "has an empty entry"),
+        ('[enrich.auth]\nheader = "X Api"\n', "is not an HTTP header name"),
+        ("[enrich.auth]\nwho = 1\n", "unknown key 'who' in [enrich.auth]"),
+        ("[privacy]\ngdpr_purposes = [0]\n", "has a purpose outside 1-24"),
+        ('[privacy]\ngdpr = "yes"\n', "expected bool, got str"),
+    ],
+)
+def test_bad_auth_and_privacy_values(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(path)
+
+
+def test_bad_environment_list_and_map() -> None:
+    with pytest.raises(ConfigError, match="expected id=value pairs"):
+        load_config(environ={"ENRICH_ENRICH_AUTH_OAUTH_CLIENTS": "index"})
+    with pytest.raises(ConfigError, match="is not true or false"):
+        load_config(environ={"ENRICH_PRIVACY_GPP": "maybe"})
