@@ -152,6 +152,8 @@ def test_oauth_client_credentials_flow_over_http(oauth_client: TestClient) -> No
         oauth_client.post("/enrich", content=BODY, headers={"X-Api-Key": "static"}).status_code
         == 200
     )
+    wrong = oauth_client.post("/enrich", content=BODY, headers={"X-Api-Key": "statics"})
+    assert (wrong.status_code, wrong.json()) == (401, {"error": "invalid or expired credentials"})
     refused = oauth_client.post("/enrich", content=BODY, headers={"Authorization": "Bearer nope"})
     assert refused.status_code == 401
     assert refused.headers["www-authenticate"] == "Bearer"
@@ -159,9 +161,9 @@ def test_oauth_client_credentials_flow_over_http(oauth_client: TestClient) -> No
     missing = oauth_client.post("/enrich", content=BODY)
     assert (missing.status_code, missing.json()) == (401, {"error": "credentials required"})
     metrics = samples(oauth_client.get("/metrics").text)
-    assert metrics[("enrich_auth_rejections_total", (("reason", "bad_credentials"),))] == 1
+    assert metrics[("enrich_auth_rejections_total", (("reason", "bad_credentials"),))] == 2
     assert metrics[("enrich_auth_rejections_total", (("reason", "no_credentials"),))] == 1
-    assert metrics[("enrich_requests_total", (("status", "401"),))] == 2
+    assert metrics[("enrich_requests_total", (("status", "401"),))] == 3
 
 
 @pytest.mark.parametrize(
