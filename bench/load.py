@@ -329,7 +329,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
     for axis, quantile in zip(axes, ("p50", "p99", "p99.9"), strict=True):
         for name in SERVERS:
-            points = [p for p in report["latency"] if p["server"] == name and "skipped" not in p]
+            points = sorted(
+                (p for p in report["latency"] if p["server"] == name and "skipped" not in p),
+                key=lambda p: p["rate"],
+            )
             if points:
                 axis.plot(
                     [p["rate"] for p in points],
