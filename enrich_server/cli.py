@@ -7,6 +7,7 @@ configuration.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -30,7 +31,7 @@ from enrich_server.errors import ConfigError, EnrichError, SnapshotError
 from enrich_server.keys import NAMESPACES, parse_key
 from enrich_server.log import redacted, setup_logging
 from enrich_server.metrics import MULTIPROC_ENV
-from enrich_server.snapshot import load_snapshots
+from enrich_server.snapshot import export_lines, load_snapshots
 from enrich_server.store import SegmentStore
 
 log = logging.getLogger("enrich_server")
@@ -107,6 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.add_argument("--top", type=int, default=20, help="segments listed (default 20)")
 
+    export = commands.add_parser(
+        "export",
+        help="write a store back out as a snapshot (TSV)",
+        description="Write every membership of a store as snapshot lines (expired ones "
+        "included, with their expiry); loading the output into an empty store rebuilds it.",
+    )
+    export.add_argument("--store", type=Path, default=EXAMPLE_STORE, help="store directory")
+    export.add_argument("--out", type=Path, help="output file (default: standard output)")
+
+    segments = commands.add_parser(
+        "segments",
+        help="list segments with their member counts",
+        description="One line per segment: name, then members (identity keys), tab-separated, "
+        "largest first.",
+    )
+    segments.add_argument("--store", type=Path, default=EXAMPLE_STORE, help="store directory")
+
     check = commands.add_parser(
         "check",
         help="would Index's circuit breaker trip on an endpoint?",
@@ -147,6 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _lookup(args)
         if args.command == "check":
             return _check(args)
+        if args.command == "export":
+            return _export(args)
+        if args.command == "segments":
+            return _segments(args)
         return _stats(args)
     except ConfigError as exc:
         print(f"enrich-server: configuration error: {exc}", file=sys.stderr)
@@ -292,6 +314,33 @@ def _stats(args: argparse.Namespace) -> int:
     print(f"top segments by members (of {stats.segments}):")
     for name, count in top.items():
         print(f"  {count:>12,}  {name}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    store = SegmentStore(args.store)
+    try:
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(args.out.open("w")) if args.out else sys.stdout
+            count = 0
+            for line in export_lines(store.items()):
+                out.write(line)
+                count += 1
+    finally:
+        store.close()
+    if args.out:
+        print(f"exported {count:,} lines to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _segments(args: argparse.Namespace) -> int:
+    store = SegmentStore(args.store)
+    try:
+        stats = store.stats()
+    finally:
+        store.close()
+    for name, members in stats.segment_members.items():
+        print(f"{name}\t{members}")
     return 0
 
 

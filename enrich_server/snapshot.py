@@ -17,7 +17,7 @@ import gzip
 import io
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -143,6 +143,18 @@ def load_snapshots(
             shutil.rmtree(target, ignore_errors=True)
         raise
     return report
+
+
+def export_lines(items: Iterable[tuple[bytes, dict[str, int]]]) -> Iterator[str]:
+    """Snapshot lines for a store's ``items()``: one line per key and expiry, so that
+    loading them into an empty store rebuilds exactly the same memberships."""
+    for key, memberships in items:
+        groups: dict[int, list[str]] = {}
+        for name, expires in memberships.items():
+            groups.setdefault(expires, []).append(name)
+        for expires, names in groups.items():
+            tail = f"\t{expires}" if expires else ""
+            yield f"{key.decode()}\t{','.join(names)}{tail}\n"
 
 
 def _load(paths: Sequence[Path], store_path: Path, replace: bool, progress: bool) -> LoadReport:

@@ -275,7 +275,10 @@ class SegmentStore:
             memberships=memberships,
             segments=len(names),
             by_namespace=dict(sorted(by_namespace.items())),
-            segment_members={names.get(sid, "?"): n for sid, n in per_segment.most_common()},
+            segment_members={
+                **{names.get(sid, "?"): n for sid, n in per_segment.most_common()},
+                **{name: 0 for sid, name in names.items() if sid not in per_segment},
+            },
             file_bytes=os.path.getsize(self.path / DATA_FILE),
             data_bytes=(info["last_pgno"] + 1) * self._env.stat()["psize"],
             built_at=built_at,

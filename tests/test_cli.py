@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.synth import snapshot_lines
 from enrich_server.cli import main
+from enrich_server.store import SegmentStore
 from tests.conftest import StoreFactory
 
 
@@ -130,3 +132,29 @@ def test_load_logs_a_json_event(tmp_path: Path) -> None:
     events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     loaded = next(event for event in events if event["msg"] == "snapshot loaded")
     assert (loaded["lines"], loaded["identities"], loaded["replace"]) == (2, 2, False)
+
+
+def test_export_round_trip_is_exact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "source.tsv"
+    source.write_text(
+        "".join(snapshot_lines(300))
+        + "uid:u\ta,b\t4102444800\nuid:u\tc\nuid:u\t-b\nifa:AA\tx\t1000\n"
+    )
+    assert main(["load", str(source), "--store", str(tmp_path / "one"), "--quiet"]) == 0
+    exported = tmp_path / "exported.tsv"
+    assert main(["export", "--store", str(tmp_path / "one"), "--out", str(exported)]) == 0
+    assert main(["load", str(exported), "--store", str(tmp_path / "two"), "--quiet"]) == 0
+    capsys.readouterr()
+    one, two = SegmentStore(tmp_path / "one"), SegmentStore(tmp_path / "two")
+    assert list(one.items()) == list(two.items())
+    assert len(list(one.items())) == 302
+    assert one.memberships(b"uid:u") == {"a": 4102444800, "c": 0}
+    assert "ifa:aa\tx\t1000\n" in exported.read_text()  # expired memberships are kept
+
+
+def test_segments_lists_member_counts(
+    make_store: StoreFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = make_store("uid:u\ta,b\nuid:v\ta\nuid:w\tc\nuid:w\t-c\n")
+    assert main(["segments", "--store", str(store)]) == 0
+    assert capsys.readouterr().out.splitlines() == ["a\t2", "b\t1", "c\t0"]
