@@ -32,7 +32,7 @@ from enrich_server.keys import NAMESPACES, parse_key
 from enrich_server.log import redacted, setup_logging
 from enrich_server.metrics import MULTIPROC_ENV
 from enrich_server.snapshot import export_lines, load_snapshots
-from enrich_server.store import SegmentStore
+from enrich_server.store import DATA_FILE, SegmentStore, StoreWriter
 
 log = logging.getLogger("enrich_server")
 
@@ -125,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     segments.add_argument("--store", type=Path, default=EXAMPLE_STORE, help="store directory")
 
+    compact = commands.add_parser(
+        "compact",
+        help="drop expired memberships (safe while serving)",
+        description="Remove every membership whose expiry has passed, and identity keys left "
+        "with none, in one transaction; running servers keep answering from their snapshot "
+        "meanwhile and see the result on their next request.",
+    )
+    compact.add_argument("--store", type=Path, required=True, help="store directory")
+
     check = commands.add_parser(
         "check",
         help="would Index's circuit breaker trip on an endpoint?",
@@ -167,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "compact":
+            return _compact(args)
         if args.command == "segments":
             return _segments(args)
         return _stats(args)
@@ -330,6 +341,18 @@ def _export(args: argparse.Namespace) -> int:
         store.close()
     if args.out:
         print(f"exported {count:,} lines to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    setup_logging("info")
+    if not (args.store / DATA_FILE).is_file():
+        SegmentStore(args.store)  # raises the usual "no segment store at ..." error
+    with StoreWriter(args.store) as writer:
+        removed, deleted = writer.drop_expired(int(time.time()))
+    log.info("store compacted", extra={"store": str(args.store), "removed": removed,
+                                       "deleted_keys": deleted})  # fmt: skip
+    print(f"removed {removed:,} expired memberships; {deleted:,} identities left with none")
     return 0
 
 

@@ -409,6 +409,29 @@ class StoreWriter:
                 f"segment store {self.path} is full (map size {self._env.info()['map_size']} bytes)"
             ) from exc
 
+    def drop_expired(self, now: int) -> tuple[int, int]:
+        """Remove memberships that expired at or before ``now``, and keys left empty.
+
+        Returns (memberships removed, keys deleted). Readers are not blocked: they keep their
+        snapshot until this transaction commits.
+        """
+        changes: list[tuple[bytes, dict[int, int]]] = []
+        removed = 0
+        for key, raw in self._txn.cursor(db=self._members):
+            memberships = decode_memberships(raw)
+            live = {sid: exp for sid, exp in memberships.items() if not exp or exp > now}
+            if len(live) != len(memberships):
+                removed += len(memberships) - len(live)
+                changes.append((bytes(key), live))
+        deleted = 0
+        for key, live in changes:  # applied after the scan: the cursor stays valid
+            if live:
+                self._put(key, live)
+            else:
+                self._txn.delete(key, db=self._members)
+                deleted += 1
+        return removed, deleted
+
     def clear_members(self) -> None:
         """Drop every membership (segment ids stay interned, so cached names stay valid)."""
         self._txn.drop(self._members, delete=False)

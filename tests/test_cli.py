@@ -158,3 +158,27 @@ def test_segments_lists_member_counts(
     store = make_store("uid:u\ta,b\nuid:v\ta\nuid:w\tc\nuid:w\t-c\n")
     assert main(["segments", "--store", str(store)]) == 0
     assert capsys.readouterr().out.splitlines() == ["a\t2", "b\t1", "c\t0"]
+
+
+def test_compact_drops_expired_memberships(
+    make_store: StoreFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = make_store(
+        "uid:a\told\t1000\nuid:a\tkept\nuid:b\tgone\t2000\nuid:c\tlater\t4102444800\n"
+    )
+    assert main(["compact", "--store", str(store)]) == 0
+    assert "removed 2 expired memberships; 1 identities left with none" in capsys.readouterr().out
+    reader = SegmentStore(store)
+    assert reader.memberships(b"uid:a") == {"kept": 0}
+    assert reader.memberships(b"uid:b") is None
+    assert reader.memberships(b"uid:c") == {"later": 4102444800}
+    assert reader.generation() == 2
+    reader.close()
+    assert main(["compact", "--store", str(store)]) == 0
+    assert "removed 0 expired memberships" in capsys.readouterr().out
+
+
+def test_compact_missing_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compact", "--store", str(tmp_path / "nope")]) == 1
+    assert "no segment store at" in capsys.readouterr().err
+    assert not (tmp_path / "nope").exists()

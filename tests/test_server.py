@@ -76,6 +76,12 @@ def test_server_sees_loads_made_while_running(make_store: StoreFactory, tmp_path
             check=True, capture_output=True,
         )  # fmt: skip
         assert client.post("/enrich", content=body).json() == {"segment_ids": ["after"]}
+        compacted = subprocess.run(
+            [sys.executable, "-m", "enrich_server", "compact", "--store", str(store)],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        assert "removed 0 expired memberships" in compacted.stdout
+        assert client.post("/enrich", content=body).json() == {"segment_ids": ["after"]}
 
 
 def test_server_two_workers_share_port_and_store(make_store: StoreFactory) -> None:
