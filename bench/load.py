@@ -48,7 +48,7 @@ from bench.baselines.redis_load import load as load_redis
 from bench.bodies import write_bodies
 from bench.redis_server import redis_server
 from bench.synth import cached_snapshot, cached_store
-from tests.utils import ROOT, free_port
+from tests.utils import ROOT, free_port, stop
 
 RESULTS = ROOT / "bench" / "results"
 CACHE = ROOT / "bench" / ".cache"
@@ -134,12 +134,7 @@ def running(
             time.sleep(0.1)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def _shed_count(log: Path, since: int) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,15 +19,11 @@ from typing import Final
 
 import redis
 
+from tests.utils import free_port
+
 #: How long ``redis-server`` may take to answer its first PING.
 START_TIMEOUT: Final = 10.0
 _STOP_TIMEOUT: Final = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -43,7 +38,7 @@ def redis_server(port: int | None = None, binary: str = "redis-server") -> Itera
         raise RuntimeError(
             f"{binary!r} not found: install Debian's redis-server package (make bench-deps)"
         )
-    port = _free_port() if port is None else port
+    port = free_port() if port is None else port
     url = f"redis://127.0.0.1:{port}/0"
     with tempfile.TemporaryDirectory(prefix="bench-redis-") as folder:
         log_path = Path(folder) / "redis.log"

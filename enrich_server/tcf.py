@@ -73,16 +73,16 @@ class _Bits:
         return frozenset(i + 1 for i in range(width) if field >> (width - 1 - i) & 1)
 
 
-def _vendor_has(bits: _Bits, offset: int, vendor: int) -> tuple[bool, int]:
-    """Whether the vendor section at ``offset`` lists ``vendor``; and the next offset."""
+def _vendor_ranges(bits: _Bits, offset: int) -> tuple[int, list[tuple[int, int]] | None, int]:
+    """Read a vendor section's header: (max vendor id, ranges or ``None`` for a bit field,
+    offset of its bit field or of the next section)."""
     max_vendor = bits.read(offset, 16)
     offset += 16
     if not bits.read(offset, 1):
-        found = 1 <= vendor <= max_vendor and bool(bits.read(offset + vendor, 1))
-        return found, offset + 1 + max_vendor
+        return max_vendor, None, offset + 1
     entries = bits.read(offset + 1, 12)
     offset += 13
-    found = False
+    ranges: list[tuple[int, int]] = []
     for _ in range(entries):
         is_range = bits.read(offset, 1)
         start = bits.read(offset + 1, 16)
@@ -91,8 +91,19 @@ def _vendor_has(bits: _Bits, offset: int, vendor: int) -> tuple[bool, int]:
         if is_range:
             end = bits.read(offset, 16)
             offset += 16
-        found = found or start <= vendor <= end
-    return found, offset
+        if end < start or end > max_vendor:
+            raise ConsentError("vendor range out of order or past the maximum vendor id")
+        ranges.append((start, end))
+    return max_vendor, ranges, offset
+
+
+def _vendor_has(bits: _Bits, offset: int, vendor: int) -> tuple[bool, int]:
+    """Whether the vendor section at ``offset`` lists ``vendor``; and the next offset."""
+    max_vendor, ranges, offset = _vendor_ranges(bits, offset)
+    if ranges is None:  # a bit field, one bit per vendor id
+        found = 1 <= vendor <= max_vendor and bool(bits.read(offset + vendor - 1, 1))
+        return found, offset + max_vendor
+    return any(start <= vendor <= end for start, end in ranges), offset
 
 
 class CoreView:
@@ -130,25 +141,10 @@ class CoreView:
 
 def _vendor_section(bits: _Bits, offset: int) -> tuple[frozenset[int], int]:
     """One vendor section (bit field or ranges); returns the vendor ids and the next offset."""
-    max_vendor = bits.read(offset, 16)
-    offset += 16
-    if not bits.read(offset, 1):  # a bit field, one bit per vendor id
-        return bits.set_of(offset + 1, max_vendor), offset + 1 + max_vendor
-    entries = bits.read(offset + 1, 12)
-    offset += 13
-    vendors: set[int] = set()
-    for _ in range(entries):
-        is_range = bits.read(offset, 1)
-        start = bits.read(offset + 1, 16)
-        offset += 17
-        end = start
-        if is_range:
-            end = bits.read(offset, 16)
-            offset += 16
-        if end < start or end > max_vendor:
-            raise ConsentError("vendor range out of order or past the maximum vendor id")
-        vendors.update(range(start, end + 1))
-    return frozenset(vendors), offset
+    max_vendor, ranges, offset = _vendor_ranges(bits, offset)
+    if ranges is None:
+        return bits.set_of(offset, max_vendor), offset + max_vendor
+    return frozenset(v for start, end in ranges for v in range(start, end + 1)), offset
 
 
 def decode(consent: str) -> TCString:

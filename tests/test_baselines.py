@@ -32,7 +32,7 @@ from enrich_server.app import create_app
 from enrich_server.config import load_config
 from tests.conftest import StoreFactory
 from tests.tcf_strings import CONSENTED
-from tests.utils import ROOT, free_port
+from tests.utils import ROOT, free_port, stop
 
 JSON_HEADERS = {"content-type": "application/json"}
 FAR_FUTURE = 4102444800  # 2100-01-01: never expires within a test, max-age stays at 86400
@@ -75,12 +75,7 @@ def _uvicorn(app: str, *args: str, env: dict[str, str] | None = None) -> Iterato
                 time.sleep(0.05)
             yield url
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import StoreFactory
-from tests.utils import ROOT, free_port, run_server
+from tests.utils import ROOT, free_port, run_server, stop
 
 DEPLOY = ROOT / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
@@ -70,12 +70,7 @@ def prometheus(target: str) -> Iterator[str]:
                 time.sleep(0.1)
             yield url
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
             log.close()
 
 

@@ -25,6 +25,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """Stop a child process: SIGTERM, then SIGKILL if it is still there after ``timeout``."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @dataclass(frozen=True)
 class RunningServer:
     """A ``serve`` subprocess: its base URL, process and JSON-lines log file."""
@@ -84,9 +94,4 @@ def run_server(
             wait_until_ready(url, process, log_path, timeout)
             yield RunningServer(url, process, log_path)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
