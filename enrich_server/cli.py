@@ -23,7 +23,7 @@ import msgspec
 import uvicorn
 import uvloop
 
-from enrich_server import __version__
+from enrich_server import __version__, tcf
 from enrich_server.app import CONFIG_HANDOFF_VARIABLE
 from enrich_server.check import format_report, parse_target, read_bodies, run_check
 from enrich_server.config import EXAMPLE_STORE, SAMPLES_DIR, load_config, options, to_json
@@ -31,6 +31,7 @@ from enrich_server.errors import ConfigError, EnrichError, SnapshotError
 from enrich_server.keys import NAMESPACES, parse_key
 from enrich_server.log import redacted, setup_logging
 from enrich_server.metrics import MULTIPROC_ENV
+from enrich_server.privacy import PrivacyPolicy, purposes_allowed
 from enrich_server.snapshot import export_lines, load_snapshots
 from enrich_server.store import DATA_FILE, SegmentStore, StoreWriter
 
@@ -134,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compact.add_argument("--store", type=Path, required=True, help="store directory")
 
+    consent = commands.add_parser(
+        "consent",
+        help="decode a TCF v2 consent string and show the privacy decision",
+        description="Decode the core segment of a TCF v2 consent string (as Index sends it in "
+        "user.consent) and say whether the configured privacy policy lets us serve "
+        "user-level segments with it.",
+    )
+    consent.add_argument("string", metavar="TC_STRING")
+    consent.add_argument("--config", type=Path, help="TOML configuration ([privacy] section)")
+
     check = commands.add_parser(
         "check",
         help="would Index's circuit breaker trip on an endpoint?",
@@ -178,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _export(args)
         if args.command == "compact":
             return _compact(args)
+        if args.command == "consent":
+            return _consent(args)
         if args.command == "segments":
             return _segments(args)
         return _stats(args)
@@ -354,6 +367,38 @@ def _compact(args: argparse.Namespace) -> int:
                                        "deleted_keys": deleted})  # fmt: skip
     print(f"removed {removed:,} expired memberships; {deleted:,} identities left with none")
     return 0
+
+
+def _consent(args: argparse.Namespace) -> int:
+    config = load_config(args.config, os.environ)
+    try:
+        tc = tcf.decode(args.string)
+    except tcf.ConsentError as exc:
+        print(f"enrich-server: not a TCF v2 consent string: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    policy = PrivacyPolicy(
+        gdpr_vendor_id=config.privacy.gdpr_vendor_id, gdpr_purposes=config.privacy.gdpr_purposes
+    )
+    allowed = purposes_allowed(
+        tcf.CoreView(args.string), policy.gdpr_purposes, policy.gdpr_vendor_id
+    )
+    decoded = {
+        "policy_version": tc.policy_version,
+        "purposes_consent": sorted(tc.purposes_consent),
+        "purposes_legitimate_interest": sorted(tc.purposes_legitimate_interest),
+        "vendors_consent": len(tc.vendors_consent),
+        "vendors_legitimate_interest": len(tc.vendors_legitimate_interest),
+        "our_vendor": policy.gdpr_vendor_id or None,
+        "required_purposes": list(policy.gdpr_purposes),
+        "user_level_segments": "allowed" if allowed else "withheld (gdpr_denied)",
+    }
+    if policy.gdpr_vendor_id:
+        decoded["our_vendor_consent"] = policy.gdpr_vendor_id in tc.vendors_consent
+        decoded["our_vendor_legitimate_interest"] = (
+            policy.gdpr_vendor_id in tc.vendors_legitimate_interest
+        )
+    print(msgspec.json.encode(decoded).decode())
+    return 0 if allowed else EXIT_FAILED
 
 
 def _segments(args: argparse.Namespace) -> int:

@@ -50,7 +50,6 @@ class User(msgspec.Struct):
 class Device(msgspec.Struct, gc=False):
     ifa: str | None = None
     lmt: int | None = None
-    dnt: int | None = None
 
 
 class Site(msgspec.Struct, gc=False):

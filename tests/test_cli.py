@@ -14,6 +14,7 @@ from bench.synth import snapshot_lines
 from enrich_server.cli import main
 from enrich_server.store import SegmentStore
 from tests.conftest import StoreFactory
+from tests.test_privacy import BITFIELD
 
 
 def test_load_then_lookup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -182,3 +183,22 @@ def test_compact_missing_store(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["compact", "--store", str(tmp_path / "nope")]) == 1
     assert "no segment store at" in capsys.readouterr().err
     assert not (tmp_path / "nope").exists()
+
+
+def test_consent_decodes_and_decides(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(["consent", BITFIELD]) == 0
+    decoded = json.loads(capsys.readouterr().out)
+    assert decoded["purposes_consent"] == [1, 3, 9, 10]
+    assert decoded["user_level_segments"] == "allowed"
+    monkeypatch.setenv("ENRICH_PRIVACY_GDPR_VENDOR_ID", "2")  # consent, but no LI for purpose 4
+    assert main(["consent", BITFIELD]) == 1
+    decoded = json.loads(capsys.readouterr().out)
+    assert (decoded["our_vendor_consent"], decoded["our_vendor_legitimate_interest"]) == (
+        True,
+        False,
+    )
+    assert decoded["user_level_segments"] == "withheld (gdpr_denied)"
+    assert main(["consent", "not-a-tc-string"]) == 1
+    assert "not a TCF v2 consent string" in capsys.readouterr().err
