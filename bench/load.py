@@ -41,14 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx2 as httpx
-
 from bench import openloop, wrk
 from bench.baselines.redis_load import load as load_redis
 from bench.bodies import write_bodies
 from bench.redis_server import redis_server
 from bench.synth import cached_snapshot, cached_store
-from tests.utils import ROOT, free_port, stop
+from tests.utils import ROOT, free_port, stop, wait_until_ready
 
 RESULTS = ROOT / "bench" / "results"
 CACHE = ROOT / "bench" / ".cache"
@@ -122,16 +120,7 @@ def running(
             _pinned(SERVER_CPU, command), stdout=out, stderr=out, env=env, cwd=ROOT
         )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.post(url, content=b"{}", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start; see {log}")
-            time.sleep(0.1)
+        wait_until_ready(url, process, log, 30.0, post_body=b"{}")
         yield url
     finally:
         stop(process)

@@ -32,7 +32,7 @@ from enrich_server.app import create_app
 from enrich_server.config import load_config
 from tests.conftest import StoreFactory
 from tests.tcf_strings import CONSENTED
-from tests.utils import ROOT, free_port, stop
+from tests.utils import ROOT, free_port, stop, wait_until_ready
 
 JSON_HEADERS = {"content-type": "application/json"}
 FAR_FUTURE = 4102444800  # 2100-01-01: never expires within a test, max-age stays at 86400
@@ -60,19 +60,7 @@ def _uvicorn(app: str, *args: str, env: dict[str, str] | None = None) -> Iterato
                 command, stdout=log, stderr=log, cwd=ROOT, env={**os.environ, **(env or {})}
             )
         try:
-            deadline = time.monotonic() + 20
-            while True:
-                if process.poll() is not None:
-                    output = log_path.read_text()
-                    raise RuntimeError(f"uvicorn exited with {process.returncode}:\n{output}")
-                try:
-                    if httpx.post(f"{url}/enrich", content=b"{}", timeout=1.0).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"uvicorn not ready on {url}:\n{log_path.read_text()}")
-                time.sleep(0.05)
+            wait_until_ready(f"{url}/enrich", process, log_path, 20.0, post_body=b"{}")
             yield url
         finally:
             stop(process)

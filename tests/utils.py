@@ -48,14 +48,25 @@ class RunningServer:
         return self.log_path.read_text()
 
 
-def wait_until_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
-    """Poll ``/readyz`` until it answers 200; fail with the server's log if it dies or hangs."""
+def wait_until_ready(
+    url: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float,
+    post_body: bytes | None = None,
+) -> None:
+    """Poll ``url`` + ``/readyz`` (or POST ``post_body`` to ``url`` itself, for servers without
+    one) until it answers 200; fail with the server's log if it dies or hangs."""
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
+            if post_body is None:
+                response = httpx.get(f"{url}/readyz", timeout=1.0)
+            else:
+                response = httpx.post(url, content=post_body, timeout=1.0)
+            if response.status_code == 200:
                 return
         except httpx.TransportError:
             pass
