@@ -1,7 +1,7 @@
 """The ASGI application: ``create_app(config)`` builds everything once, at start-up.
 
 Requests to the enrichment path go straight to ``EnrichEndpoint`` (a plain ASGI callable);
-everything else (health, and later the DMP and metrics endpoints) goes through a Starlette
+everything else (health, metrics, OAuth, the DMP API of ``dmp_api``) goes through a Starlette
 app, whose lifespan opens the store in each worker after the fork.
 """
 
@@ -13,7 +13,7 @@ import gc
 import logging
 import os
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from enrich_server import config as config_module
 from enrich_server.auth import ClientCredentials, EndpointAuth
 from enrich_server.config import Config
+from enrich_server.dmp_api import DmpApi
 from enrich_server.enrich import EnrichEndpoint
 from enrich_server.guard import LoadGuard
 from enrich_server.log import setup_logging
@@ -73,8 +74,8 @@ def create_app(config: Config) -> EnrichServer:
         )
     )
     endpoint = EnrichEndpoint(config.enrich, privacy, guard, tally, auth)
-    clients = ClientCredentials(config.auth.oauth_clients)
     store_path = Path(config.server.store)
+    dmp = DmpApi(config, lambda: endpoint.store, metrics)
 
     async def flush_metrics() -> None:
         while True:
@@ -82,11 +83,16 @@ def create_app(config: Config) -> EnrichServer:
             metrics.flush()
             if endpoint.store is not None:
                 metrics.observe_store(endpoint.store)
+                endpoint.store.refresh()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        store = SegmentStore(store_path)
+        # Writable only with DMP platforms: otherwise nothing here writes, and the store
+        # (the bundled example, say) stays byte for byte as it was.
+        store = SegmentStore(store_path, writable=dmp.enabled)
         endpoint.store = store
+        if dmp.enabled:
+            dmp.start()
         guard.start(asyncio.get_running_loop())
         # Everything built so far lives as long as the worker: move it out of the cyclic
         # GC's sight, so the collections that per-request garbage triggers scan only that
@@ -108,6 +114,7 @@ def create_app(config: Config) -> EnrichServer:
             yield
         finally:
             flusher.cancel()
+            dmp.stop()
             metrics.close()
             gc.unfreeze()
             guard.stop()
@@ -130,8 +137,29 @@ def create_app(config: Config) -> EnrichServer:
             return JSONResponse({"status": "not ready", "why": "store not open"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    async def metrics_endpoint(_: Request) -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    rest = Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics_endpoint),
+            Route("/oauth/token", _oauth_token(config, auth), methods=["POST"]),
+            *dmp.routes(),
+        ],
+        lifespan=lifespan,
+    )
+    return EnrichServer(config.enrich.path, endpoint, rest)
+
+
+def _oauth_token(
+    config: Config, auth: EndpointAuth
+) -> Callable[[Request], Awaitable[JSONResponse]]:
+    """``POST /oauth/token``: RFC 6749 section 4.4, client credentials by HTTP Basic."""
+    clients = ClientCredentials(config.auth.oauth_clients)
+
     async def oauth_token(request: Request) -> JSONResponse:
-        # RFC 6749 section 4.4: client credentials, the client authenticated by HTTP Basic.
         signer = auth.signer
         if signer is None or not config.auth.oauth_clients:
             return JSONResponse({"error": "oauth is not configured"}, status_code=404)
@@ -154,19 +182,7 @@ def create_app(config: Config) -> EnrichServer:
             headers={"cache-control": "no-store"},
         )
 
-    async def metrics_endpoint(_: Request) -> Response:
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
-    rest = Starlette(
-        routes=[
-            Route("/healthz", healthz),
-            Route("/readyz", readyz),
-            Route("/metrics", metrics_endpoint),
-            Route("/oauth/token", oauth_token, methods=["POST"]),
-        ],
-        lifespan=lifespan,
-    )
-    return EnrichServer(config.enrich.path, endpoint, rest)
+    return oauth_token
 
 
 def create_app_from_handoff() -> EnrichServer:

@@ -1,4 +1,5 @@
-"""Who may call ``/enrich``: tokens, OAuth2 client credentials and client-IP allow-lists.
+"""Who may call ``/enrich`` (tokens, OAuth2 client credentials, client-IP allow-lists), and
+which DMP platform pushes to the ingestion API (``PlatformCredentials``).
 
 Seed 003 ("Authentication"): Index supports OAuth, a token in the query string, a token in a
 request header, and IP ranges for allow-listing. Built once from ``AuthConfig``:
@@ -25,13 +26,13 @@ import hmac
 import ipaddress
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 import msgspec
 from starlette.types import Scope
 
-from enrich_server.config import AuthConfig
+from enrich_server.config import AuthConfig, PlatformConfig
 
 NO_CREDENTIALS: Final = "no_credentials"
 BAD_CREDENTIALS: Final = "bad_credentials"
@@ -229,3 +230,38 @@ class ClientCredentials:
         if not sep or expected is None or not valid:
             return None
         return urllib.parse.unquote_to_bytes(client_id).decode("utf-8", "replace")
+
+
+class PlatformCredentials:
+    """DMP ingestion credentials: HTTP Basic ``user:password`` or bearer tokens, each naming
+    one platform. Separate from the ``/enrich`` credentials: a DMP's key cannot query us.
+
+    Credentials are looked up by their SHA-256: a dict probe on a digest tells an attacker
+    nothing about how close a guess came (the role ``compare_digest`` plays elsewhere).
+    """
+
+    def __init__(self, platforms: Iterable[PlatformConfig]) -> None:
+        self._by_digest: dict[bytes, PlatformConfig] = {}
+        for platform in platforms:
+            if platform.basic:
+                self._by_digest[_digest(b"basic", platform.basic.encode())] = platform
+            for token in platform.tokens:
+                self._by_digest[_digest(b"bearer", token.encode())] = platform
+
+    def authenticate(self, authorization: str) -> PlatformConfig | None:
+        """The platform of a valid ``Authorization`` header, else ``None``."""
+        scheme, _, credential = authorization.strip().partition(" ")
+        scheme = scheme.lower()
+        if scheme == "basic":
+            try:
+                raw = base64.b64decode(credential.strip(), validate=True)
+            except (binascii.Error, ValueError):
+                return None
+            return self._by_digest.get(_digest(b"basic", raw))
+        if scheme == "bearer":
+            return self._by_digest.get(_digest(b"bearer", credential.strip().encode()))
+        return None
+
+
+def _digest(kind: bytes, credential: bytes) -> bytes:
+    return hashlib.sha256(kind + b"\0" + credential).digest()

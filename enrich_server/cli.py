@@ -1,4 +1,4 @@
-"""The ``enrich-server`` command line: serve, load, lookup, stats.
+"""The ``enrich-server`` command line: serve, load, lookup, stats, ingest and the other tools.
 
 Exit codes: 0 success, 1 the job failed (bad snapshot, unreadable store), 2 bad usage or
 configuration.
@@ -10,13 +10,14 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import logging
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -27,6 +28,13 @@ from enrich_server import __version__, tcf
 from enrich_server.app import CONFIG_HANDOFF_VARIABLE
 from enrich_server.check import format_report, parse_target, read_bodies, run_check
 from enrich_server.config import EXAMPLE_STORE, SAMPLES_DIR, load_config, options, to_json
+from enrich_server.dropfiles import (
+    DEFAULT_SETTLE_SECONDS,
+    DropFileError,
+    FileResult,
+    apply_file,
+    process_directory,
+)
 from enrich_server.errors import ConfigError, EnrichError, SnapshotError
 from enrich_server.keys import NAMESPACES, parse_key
 from enrich_server.log import redacted, setup_logging
@@ -135,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compact.add_argument("--store", type=Path, required=True, help="store directory")
 
+    _add_ingest_parser(commands)
+
     consent = commands.add_parser(
         "consent",
         help="decode a TCF v2 consent string and show the privacy decision",
@@ -193,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _consent(args)
         if args.command == "segments":
             return _segments(args)
+        if args.command == "ingest":
+            return _ingest(args)
         return _stats(args)
     except ConfigError as exc:
         print(f"enrich-server: configuration error: {exc}", file=sys.stderr)
@@ -410,6 +422,81 @@ def _segments(args: argparse.Namespace) -> int:
     for name, members in stats.segment_members.items():
         print(f"{name}\t{members}")
     return 0
+
+
+def _add_ingest_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ingest = commands.add_parser(
+        "ingest",
+        help="apply DMP drop files (Mapp_dmp_<segment>_<y>_<m>_<d>_<h>_<min>.tsv.gz)",
+        description="Apply DMP drop files: gzip TSV, one user id (our uid) a line, optionally "
+        "a tab and add or remove. The segment id in the name must be a segment a DMP created "
+        "through POST /v1/segment; added users get its platform's ttl (from --config). Each "
+        "file is applied whole in one transaction, exactly once (the store records applied "
+        "names; a re-run skips them); a bad file is refused with its bad line numbers. With "
+        "--watch, files dropped in DIR are applied as they settle, then moved to DIR/applied "
+        "or, refused, to DIR/rejected with a .why file.",
+    )
+    ingest.add_argument("files", nargs="*", type=Path, metavar="FILE")
+    ingest.add_argument("--store", type=Path, required=True, help="store directory")
+    ingest.add_argument("--config", type=Path, help="TOML configuration ([[platform]] ttl)")
+    ingest.add_argument("--watch", type=Path, metavar="DIR", help="drop directory to watch")
+    ingest.add_argument(
+        "--interval", type=float, default=5.0, help="seconds between scans of DIR (5)"
+    )
+    ingest.add_argument(
+        "--settle",
+        type=float,
+        default=DEFAULT_SETTLE_SECONDS,
+        help=f"skip files modified less than this many seconds ago ({DEFAULT_SETTLE_SECONDS:g})",
+    )
+    ingest.add_argument("--once", action="store_true", help="scan DIR once, then exit")
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    if not args.files and args.watch is None:
+        print("enrich-server: ingest needs FILE arguments or --watch DIR", file=sys.stderr)
+        return EXIT_USAGE
+    config = load_config(args.config, os.environ)
+    setup_logging(config.server.log_level)
+    platforms = {p.id: p for p in config.platforms}
+    if not (args.store / DATA_FILE).is_file():
+        SegmentStore(args.store)  # raises the usual "no segment store" error
+
+    def write(job: Callable[[StoreWriter], FileResult]) -> FileResult:
+        with StoreWriter(args.store) as writer:
+            return job(writer)
+
+    failed = 0
+    for path in args.files:
+        try:
+            result = write(functools.partial(apply_file, path, platforms=platforms))
+        except DropFileError as exc:
+            print(f"enrich-server: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        except OSError as exc:
+            print(f"enrich-server: {path}: {exc.strerror}", file=sys.stderr)
+            failed += 1
+            continue
+        if result.skipped:
+            print(f"{path}: already applied, skipped")
+        else:
+            print(
+                f"{path}: segment {result.segment}: {result.added:,} added, "
+                f"{result.removed:,} removed"
+            )
+    if args.watch is not None:
+        if not args.watch.is_dir():
+            print(f"enrich-server: {args.watch} is not a directory", file=sys.stderr)
+            return EXIT_USAGE
+        log.info("watching drop directory", extra={"dir": str(args.watch)})
+        while True:
+            outcomes = process_directory(args.watch, write, platforms, args.settle)
+            failed += sum(isinstance(o, DropFileError) for o in outcomes)
+            if args.once:
+                break
+            time.sleep(args.interval)
+    return EXIT_FAILED if failed else 0
 
 
 def _check(args: argparse.Namespace) -> int:

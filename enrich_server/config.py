@@ -83,6 +83,22 @@ def _log_level(value: str) -> str | None:
     return None if value in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}"
 
 
+def _platform_name(value: str) -> str | None:
+    ok = value and value.isascii() and all(c.isalnum() or c == "_" for c in value)
+    return None if ok else "must be letters, digits or _ (it names metrics and variables)"
+
+
+def _basic(value: str) -> str | None:
+    return None if not value or ":" in value[1:] else "must be user:password"
+
+
+def _hosts(value: tuple[str, ...]) -> str | None:
+    for host in value:
+        if not host or host != host.lower() or not all(c.isalnum() or c in ".-" for c in host):
+            return f"has {host!r}, which is not a lower-case host name"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """``[server]``: where and how the process serves."""
@@ -159,13 +175,58 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DmpConfig:
+    """``[dmp]``: the user-sync and audience-ingestion API shared by every platform."""
+
+    cookie: str = _opt("enrich_uid", "cookie holding our user id (set by /sync and /uid)",
+                       _header_name)  # fmt: skip
+    cookie_max_age: int = _opt(31536000, "lifetime of that cookie, seconds", _positive)
+    signature_window: int = _opt(
+        300, "signed /sync and /uid: accepted clock skew of ts, seconds", _positive
+    )
+    max_batch: int = _opt(10000, "most items in one micro-batch", _positive)
+    max_body: int = _opt(4194304, "largest ingestion request body (bytes)", _positive)
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformConfig:
+    """``[[platform]]``: one DMP or exchange that syncs users with us or pushes audiences.
+
+    Its secrets can come from ``ENRICH_PLATFORM_<NAME>_<KEY>`` variables (``NAME`` upper-cased).
+    """
+
+    id: int = _opt(0, "the platform's numeric id (the seed's pl)", _positive)
+    name: str = _opt("", "short name: metrics label, ENRICH_PLATFORM_<NAME>_* prefix",
+                     _platform_name)  # fmt: skip
+    basic: str = _opt("", "ingestion credentials user:password (HTTP Basic); empty = off", _basic)
+    tokens: tuple[str, ...] = _opt((), "ingestion bearer tokens", _nonempty_items)
+    plsec: str = _opt("", "token /uid expects in plsec; empty = plain /uid refused")
+    hmac_secret: str = _opt(
+        "", "secret of signed /sync and /uid (HMAC-SHA1); when set, its syncs must be signed"
+    )
+    sync_hosts: tuple[str, ...] = _opt((), "hosts /sync may redirect to for it", _hosts)
+    ttl: int = _opt(
+        2592000, "default membership TTL (seconds) of users it pushes; 0 = none", _not_negative
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
-    """The whole configuration; one section per TOML table."""
+    """The whole configuration; one section per TOML table, ``platforms`` per ``[[platform]]``."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
     enrich: EnrichConfig = field(default_factory=EnrichConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    dmp: DmpConfig = field(default_factory=DmpConfig)
+    platforms: tuple[PlatformConfig, ...] = ()
+
+    def platform(self, platform_id: int) -> PlatformConfig | None:
+        """The platform with id ``platform_id``, if configured."""
+        for platform in self.platforms:
+            if platform.id == platform_id:
+                return platform
+        return None
 
 
 #: TOML table -> (``Config`` field, section class).
@@ -174,7 +235,11 @@ _SECTIONS: Final[dict[str, tuple[str, type[Any]]]] = {
     "enrich": ("enrich", EnrichConfig),
     "enrich.auth": ("auth", AuthConfig),
     "privacy": ("privacy", PrivacyConfig),
+    "dmp": ("dmp", DmpConfig),
 }
+#: The TOML array of tables holding the platforms, and the prefix of their variables.
+PLATFORM_TABLE: Final = "platform"
+PLATFORM_ENV_PREFIX: Final = f"{ENV_PREFIX}PLATFORM_"
 
 
 def options() -> list[tuple[str, str, Any, str]]:
@@ -185,6 +250,9 @@ def options() -> list[tuple[str, str, Any, str]]:
             env = f"{ENV_PREFIX}{section}_{f.name}".replace(".", "_").upper()
             default = f.default if f.default is not dataclasses.MISSING else {}
             out.append((f"{section}.{f.name}", env, default, f.metadata["doc"]))
+    for f in dataclasses.fields(PlatformConfig):
+        env = f"{PLATFORM_ENV_PREFIX}<NAME>_{f.name.upper()}"
+        out.append((f"[[{PLATFORM_TABLE}]].{f.name}", env, f.default, f.metadata["doc"]))
     return out
 
 
@@ -252,6 +320,7 @@ def load_config(
     Raises ``ConfigError`` naming the offending key.
     """
     values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    platform_values: list[dict[str, Any]] = []
     fields = {
         name: {f.name: f for f in dataclasses.fields(cls)} for name, (_, cls) in _SECTIONS.items()
     }
@@ -262,6 +331,11 @@ def load_config(
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        platform_tables = data.pop(PLATFORM_TABLE, [])
+        if not isinstance(platform_tables, list):
+            raise ConfigError(f"{path}: {PLATFORM_TABLE} must be an array of tables [[platform]]")
+        for number, table in enumerate(platform_tables, start=1):
+            platform_values.append(_platform_values(f"{path}: [[platform]] #{number}", table))
         tables = list(data.items())
         while tables:
             section, table = tables.pop(0)
@@ -279,6 +353,9 @@ def load_config(
                 values[section][key] = _convert(where, fields[section][key], value)
     by_env = {env: key for key, env, _, _ in options()}
     for name, value in (environ or {}).items():
+        if name.startswith(PLATFORM_ENV_PREFIX):
+            _platform_from_env(name, value, platform_values)
+            continue
         if not name.startswith(ENV_PREFIX):
             continue
         if name not in by_env:
@@ -291,7 +368,47 @@ def load_config(
         section, key = dotted.rsplit(".", 1)
         flag = "--" + key.replace("_", "-")
         values[section][key] = _convert(flag, fields[section][key], value)
-    return Config(**{attr: cls(**values[name]) for name, (attr, cls) in _SECTIONS.items()})
+    platforms = tuple(PlatformConfig(**entry) for entry in platform_values)
+    for attr in ("id", "name"):
+        seen = [getattr(p, attr) for p in platforms]
+        twice = {v for v in seen if seen.count(v) > 1}
+        if twice:
+            raise ConfigError(f"two [[platform]] tables have the same {attr}: {twice.pop()!r}")
+    return Config(
+        **{attr: cls(**values[name]) for name, (attr, cls) in _SECTIONS.items()},
+        platforms=platforms,
+    )
+
+
+_PLATFORM_FIELDS: Final = {f.name: f for f in dataclasses.fields(PlatformConfig)}
+
+
+def _platform_values(where: str, table: Any) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in _PLATFORM_FIELDS:
+            raise ConfigError(f"{where}: unknown key {key!r}")
+        values[key] = _convert(f"{where} {key}", _PLATFORM_FIELDS[key], value)
+    for required in ("id", "name"):
+        if required not in values:
+            raise ConfigError(f"{where}: {required} is required")
+    return values
+
+
+def _platform_from_env(name: str, value: str, platforms: list[dict[str, Any]]) -> None:
+    """Apply ``ENRICH_PLATFORM_<NAME>_<KEY>`` to the platform of that name (from the file)."""
+    rest = name[len(PLATFORM_ENV_PREFIX) :]
+    for entry in platforms:
+        prefix = f"{entry['name'].upper()}_"
+        key = rest[len(prefix) :].lower()
+        if rest.startswith(prefix) and key in _PLATFORM_FIELDS and key not in ("id", "name"):
+            entry[key] = _convert(name, _PLATFORM_FIELDS[key], value, text=True)
+            return
+    raise ConfigError(
+        f"unknown environment variable {name} (no [[platform]] of that name has that key)"
+    )
 
 
 def to_json(config: Config) -> bytes:

@@ -6,6 +6,7 @@ and exits non-zero, the HTTP layer never lets one become a 5xx for client input:
     EnrichError
      ├── ConfigError        a bad option, file, environment variable or flag
      ├── StoreError         the LMDB store is missing, unreadable or of another format
+     │    └── SegmentConflictError  a DMP segment's key is another segment's
      └── SnapshotError      a snapshot could not be loaded (carries every bad line)
 
 ``lmdb.Error`` never escapes ``store.py`` / ``snapshot.py``: it is wrapped in ``StoreError``.
@@ -24,6 +25,10 @@ class ConfigError(EnrichError):
 
 class StoreError(EnrichError):
     """The segment store cannot be opened, read or written."""
+
+
+class SegmentConflictError(StoreError):
+    """A DMP segment cannot take the name asked for: another segment has it."""
 
 
 class SnapshotError(EnrichError):

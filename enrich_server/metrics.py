@@ -23,6 +23,10 @@ before they start, and ``/metrics`` aggregates every worker's files.
 | ``enrich_store_generation`` | gauge | |
 | ``enrich_ready`` | gauge | (1 while the worker's store is open) |
 | ``enrich_build_info`` | gauge | ``version`` |
+| ``enrich_ingest_mutations_total`` | counter | ``platform`` (configured), ``op`` (add, remove) |
+| ``enrich_dmp_requests_total`` | counter | ``endpoint`` (sync, uid, segment), ``status`` |
+
+The DMP side (sync, ingestion) is not the hot path: it counts straight into Prometheus.
 """
 
 from __future__ import annotations
@@ -148,7 +152,27 @@ class Metrics:
             registry=reg, multiprocess_mode="max",
         )  # fmt: skip
         build.labels(__version__).set(1)
+        self._ingested = Counter(
+            "enrich_ingest_mutations",
+            "Audience mutations applied from DMP pushes and drop files, by platform and op.",
+            ["platform", "op"],
+            registry=reg,
+        )
+        self._dmp_requests = Counter(
+            "enrich_dmp_requests",
+            "DMP API calls (user sync and ingestion) answered, by endpoint and HTTP status.",
+            ["endpoint", "status"],
+            registry=reg,
+        )
         self._flushed = Tally()
+
+    def ingested(self, platform: str, op: str, count: int) -> None:
+        """Count ``count`` applied mutations of ``platform`` (a configured name)."""
+        self._ingested.labels(platform, op).inc(count)
+
+    def dmp_request(self, endpoint: str, status: int) -> None:
+        """Count one answered DMP API call."""
+        self._dmp_requests.labels(endpoint, str(status)).inc()
 
     def flush(self) -> None:
         """Move what the tally counted since the last flush into the Prometheus metrics."""

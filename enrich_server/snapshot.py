@@ -54,6 +54,23 @@ class LoadReport:
     memberships_removed: int
 
 
+def segment_name_problem(name: str) -> str | None:
+    """What keeps ``name`` from being a segment name (served to Index, written in
+    snapshots), if anything: empty, too long, whitespace around it, control characters, a
+    comma (the snapshot separator) or a leading ``-`` (a removal in snapshots)."""
+    if not name:
+        return "empty segment name"
+    if name != name.strip():
+        return f"segment name {name!r} has surrounding whitespace"
+    if len(name.encode()) > MAX_SEGMENT_BYTES:
+        return f"segment name longer than {MAX_SEGMENT_BYTES} bytes"
+    if not name.isprintable():
+        return f"segment name {name!r} has control characters"
+    if "," in name or name.startswith("-"):
+        return f"segment name {name!r} has a comma or starts with -"
+    return None
+
+
 def parse_line(line: str) -> SnapshotLine:
     """Parse one snapshot line; raises ``ValueError`` saying what is wrong."""
     fields = line.split("\t")
@@ -66,14 +83,9 @@ def parse_line(line: str) -> SnapshotLine:
     remove: list[str] = []
     for written in fields[1].split(","):
         target, name = (remove, written[1:]) if written.startswith("-") else (add, written)
-        if not name:
-            raise ValueError("empty segment name")
-        if name != name.strip():
-            raise ValueError(f"segment name {name!r} has surrounding whitespace")
-        if len(name.encode()) > MAX_SEGMENT_BYTES:
-            raise ValueError(f"segment name longer than {MAX_SEGMENT_BYTES} bytes")
-        if not name.isprintable():
-            raise ValueError(f"segment name {name!r} has control characters")
+        problem = segment_name_problem(name)
+        if problem:
+            raise ValueError(problem)
         target.append(name)
     expires = 0
     if len(fields) == 3:

@@ -10,6 +10,14 @@ Layout (one LMDB environment, a directory holding ``data.mdb``; four named datab
 ``members``        identity key (``uid:…``) → memberships, a msgpack array of integers made of
                    groups ``[expires, count, id, id, …]`` (``expires`` 0 = never). Grouping by
                    expiry keeps a snapshot line (one expiry for all its segments) at one group.
+``aliases``        a synced platform's user id (their id, UTF-8) → our user id (``/uid``)
+``dmp_segments``   segment id → msgpack ``[platform id, title, created unix seconds]``: the
+                   segments DMPs created (``POST /v1/segment?title=``)
+``dmp_titles``     platform id (4 bytes) + title → segment id: what makes creation idempotent
+``applied_files``  drop-file name → JSON record of when and what was applied (exactly once)
+
+The last four exist once a store has been written with DMP platforms configured; readers
+treat them as empty before that.
 
 Readers (``SegmentStore``) open the environment read-only in each worker, after fork; all
 keys of a request are read in one read transaction. Writers (``StoreWriter``) are the CLI
@@ -26,12 +34,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import Any, Final
 
 import lmdb
 import msgspec
 
-from enrich_server.errors import StoreError
+from enrich_server.errors import SegmentConflictError, StoreError
 
 FORMAT: Final = b"1"
 DATA_FILE: Final = "data.mdb"
@@ -40,12 +48,20 @@ _META: Final = b"meta"
 _SEGMENT_IDS: Final = b"segment_ids"
 _SEGMENT_NAMES: Final = b"segment_names"
 _MEMBERS: Final = b"members"
-_MAX_DBS: Final = 4
+_ALIASES: Final = b"aliases"
+_DMP_SEGMENTS: Final = b"dmp_segments"
+_DMP_TITLES: Final = b"dmp_titles"
+_APPLIED_FILES: Final = b"applied_files"
+_DMP_DBS: Final = (_ALIASES, _DMP_SEGMENTS, _DMP_TITLES, _APPLIED_FILES)
+_MAX_DBS: Final = 8
+_UID_PREFIX: Final = b"uid:"
+_EID_PREFIX: Final = b"eid:"
 
 #: Virtual address space reserved by a writer; the file only grows as pages are used.
 DEFAULT_MAP_SIZE: Final = 1 << 36
 
 _SEGMENT_ID: Final = struct.Struct(">I")
+_DMP_SEGMENT_DECODER: Final = msgspec.msgpack.Decoder(tuple[int, str, int])
 _VALUE_ENCODER: Final = msgspec.msgpack.Encoder()
 _VALUE_DECODER: Final = msgspec.msgpack.Decoder(list[int])
 _JSON_ENCODER: Final = msgspec.json.Encoder()
@@ -110,6 +126,33 @@ def _check_store_dir(path: Path) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class DmpSegment:
+    """A segment a DMP created through the API."""
+
+    segment_id: int
+    platform: int
+    title: str
+    key: str
+    """The name served to Index."""
+    created: int
+
+
+def _dmp_segment(sid: int, raw: bytes, name: bytes | None) -> DmpSegment:
+    platform, title, created = _DMP_SEGMENT_DECODER.decode(raw)
+    return DmpSegment(sid, platform, title, (name or b"?").decode(), created)
+
+
+def _alias_id(key: bytes) -> bytes | None:
+    """The id part of a ``uid:`` or ``eid:<source>:`` key, the form ``aliases`` is keyed by."""
+    if key.startswith(_UID_PREFIX):
+        return key[4:]
+    if key.startswith(_EID_PREFIX):
+        parts = key.split(b":", 2)
+        return parts[2] if len(parts) == 3 else None
+    return None
+
+
+@dataclass(frozen=True, slots=True)
 class Resolved:
     """What the identity keys of one request resolve to."""
 
@@ -122,14 +165,21 @@ class Resolved:
 
 
 class SegmentStore:
-    """Read-only view of a store, one per serving process."""
+    """A serving process's view of a store: reads, and with ``writable`` the environment the
+    process's DMP ingestion writes through (py-lmdb opens an environment once per process)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, writable: bool = False) -> None:
         _check_store_dir(path)
         self.path = path
+        self.writable = writable
         try:
             self._env = lmdb.open(
-                str(path), readonly=True, max_dbs=_MAX_DBS, max_spare_txns=1, readahead=False
+                str(path),
+                readonly=not writable,
+                map_size=DEFAULT_MAP_SIZE if writable else 0,
+                max_dbs=_MAX_DBS,
+                max_spare_txns=1,
+                readahead=False,
             )
             # Handles opened outside any transaction stay valid for the life of the env.
             self._meta = self._env.open_db(_META, create=False)
@@ -137,13 +187,42 @@ class SegmentStore:
             self._names_db = self._env.open_db(_SEGMENT_NAMES, create=False)
             with self._env.begin() as txn:
                 found = txn.get(b"format", db=self._meta)
+            if found == FORMAT and writable:
+                with self._env.begin(write=True) as txn:
+                    for name in _DMP_DBS:
+                        self._env.open_db(name, txn=txn)
+            dmp = {name: self._optional_db(name) for name in _DMP_DBS}
         except lmdb.Error as exc:
             raise StoreError(f"cannot open segment store {path}: {exc}") from exc
         if found != FORMAT:
             self._env.close()
             raise StoreError(f"{path} is not an enrich-server store of format {FORMAT.decode()}")
+        self._aliases = dmp[_ALIASES]
+        self._dmp_segments = dmp[_DMP_SEGMENTS]
+        self._applied_files = dmp[_APPLIED_FILES]
+        #: Whether ``resolve`` must look ids up in ``aliases``: off (free) until one exists.
+        self.has_aliases = False
+        self.refresh()
         # Index = segment id; entry 0 is never a real id.
         self._json_names: list[bytes] = [b""]
+
+    def _optional_db(self, name: bytes) -> Any:
+        try:
+            return self._env.open_db(name, create=False)
+        except lmdb.NotFoundError:
+            return None
+
+    def refresh(self) -> None:
+        """Re-read what the hot path caches about the store (called about once a second)."""
+        if self._aliases is not None and not self.has_aliases:
+            with self._env.begin() as txn:
+                self.has_aliases = txn.stat(self._aliases)["entries"] > 0
+
+    def writer(self) -> StoreWriter:
+        """A write session on this process's environment (``writable`` stores only)."""
+        if not self.writable:
+            raise StoreError(f"segment store {self.path} was opened read-only")
+        return StoreWriter(self.path, env=self._env)
 
     def close(self) -> None:
         """Release the memory map; the store must not be used afterwards."""
@@ -198,6 +277,8 @@ class SegmentStore:
         try:
             get = txn.get
             decode = _VALUE_DECODER.decode
+            if self.has_aliases:
+                keys = self._with_aliases(txn, keys)
             for key in keys:
                 raw = get(key)
                 if raw is None:
@@ -228,6 +309,61 @@ class SegmentStore:
         finally:
             txn.abort()
         return Resolved(named, min_expires, hits)
+
+    def _with_aliases(self, txn: lmdb.Transaction[bytes], keys: Sequence[bytes]) -> Sequence[bytes]:
+        """``keys`` with our ``uid:`` key inserted after each key whose id a platform synced."""
+        out: list[bytes] | None = None
+        for i, key in enumerate(keys):
+            their = _alias_id(key)
+            ours = txn.get(their, db=self._aliases) if their else None
+            if ours is not None:
+                if out is None:
+                    out = list(keys[:i])
+                out.append(key)
+                ours_key = _UID_PREFIX + ours
+                if ours_key not in keys and ours_key not in out:
+                    out.append(ours_key)
+            elif out is not None:
+                out.append(key)
+        return keys if out is None else out
+
+    def alias(self, their: bytes) -> bytes | None:
+        """Our user id for a platform's synced user id, if any."""
+        if self._aliases is None:
+            return None
+        with self._env.begin() as txn:
+            return txn.get(their, db=self._aliases)
+
+    def dmp_segments(self, platform: int | None = None) -> list[DmpSegment]:
+        """The segments DMPs created (one platform's when given), by id."""
+        if self._dmp_segments is None:
+            return []
+        with self._env.begin() as txn:
+            out = []
+            for key, raw in txn.cursor(db=self._dmp_segments):
+                sid = _SEGMENT_ID.unpack(key)[0]
+                segment = _dmp_segment(sid, raw, txn.get(key, db=self._names_db))
+                if platform is None or segment.platform == platform:
+                    out.append(segment)
+            return out
+
+    def dmp_segment(self, sid: int) -> DmpSegment | None:
+        """One DMP-created segment by id."""
+        if self._dmp_segments is None or not 0 < sid < 2**32:
+            return None
+        packed = _SEGMENT_ID.pack(sid)
+        with self._env.begin() as txn:
+            raw = txn.get(packed, db=self._dmp_segments)
+            if raw is None:
+                return None
+            return _dmp_segment(sid, raw, txn.get(packed, db=self._names_db))
+
+    def applied_file(self, name: str) -> bytes | None:
+        """The record of a drop file already applied (JSON), or ``None``."""
+        if self._applied_files is None:
+            return None
+        with self._env.begin() as txn:
+            return txn.get(name.encode(), db=self._applied_files)
 
     def memberships(self, key: bytes) -> dict[str, int] | None:
         """All memberships of ``key`` (expired ones included) as ``{segment: expires}``."""
@@ -309,18 +445,29 @@ class StoreWriter:
 
     Use as a context manager: leaving the block normally commits, an exception aborts, so a
     writer either applies everything or nothing. LMDB serialises writers across processes.
+    With ``env`` (a serving process's own environment) the session borrows it instead of
+    opening the store.
     """
 
-    def __init__(self, path: Path, map_size: int = DEFAULT_MAP_SIZE) -> None:
+    def __init__(
+        self, path: Path, map_size: int = DEFAULT_MAP_SIZE, env: lmdb.Environment | None = None
+    ) -> None:
         self.path = path
+        self._owns_env = env is None
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            self._env = lmdb.open(str(path), map_size=map_size, max_dbs=_MAX_DBS)
+            if env is None:
+                path.mkdir(parents=True, exist_ok=True)
+                env = lmdb.open(str(path), map_size=map_size, max_dbs=_MAX_DBS)
+            self._env = env
             self._txn = self._env.begin(write=True)
             self._meta = self._env.open_db(_META, txn=self._txn)
             self._ids = self._env.open_db(_SEGMENT_IDS, txn=self._txn)
             self._names = self._env.open_db(_SEGMENT_NAMES, txn=self._txn)
             self._members = self._env.open_db(_MEMBERS, txn=self._txn)
+            self._aliases = self._env.open_db(_ALIASES, txn=self._txn)
+            self._dmp_segments = self._env.open_db(_DMP_SEGMENTS, txn=self._txn)
+            self._dmp_titles = self._env.open_db(_DMP_TITLES, txn=self._txn)
+            self._applied_files = self._env.open_db(_APPLIED_FILES, txn=self._txn)
             found = self._txn.get(b"format", db=self._meta)
             if found is None:
                 self._txn.put(b"format", FORMAT, db=self._meta)
@@ -355,7 +502,8 @@ class StoreWriter:
             self._txn.abort()
             raise StoreError(f"cannot commit to segment store {self.path}: {err}") from err
         finally:
-            self._env.close()
+            if self._owns_env:
+                self._env.close()
 
     def segment_id(self, name: str) -> int | None:
         """Return the id of segment ``name``, or ``None`` when there is no such segment."""
@@ -436,3 +584,77 @@ class StoreWriter:
         """Drop every membership (segment ids stay interned, so cached names stay valid)."""
         self._txn.drop(self._members, delete=False)
         self._txn.put(b"built_at", str(int(time.time())).encode(), db=self._meta)
+
+    def segment_name(self, sid: int) -> str | None:
+        """The name (served string) of segment ``sid``."""
+        raw = self._txn.get(_SEGMENT_ID.pack(sid), db=self._names)
+        return None if raw is None else raw.decode()
+
+    def dmp_segment(self, sid: int) -> tuple[int, str] | None:
+        """``(platform, title)`` of a DMP-created segment, or ``None``."""
+        if not 0 < sid < 2**32:
+            return None
+        raw = self._txn.get(_SEGMENT_ID.pack(sid), db=self._dmp_segments)
+        if raw is None:
+            return None
+        platform, title, _ = _DMP_SEGMENT_DECODER.decode(raw)
+        return platform, title
+
+    def create_dmp_segment(self, platform: int, title: str, key: str | None) -> tuple[int, bool]:
+        """Create the segment ``title`` of ``platform`` (or find it): ``(segment id, created)``.
+
+        Its served name is ``key``, by default the new id in decimal. A ``key`` that names an
+        existing segment shares it (one served string, one segment). Raises ``StoreError``
+        when that segment is another DMP segment, or when the default name is taken.
+        """
+        title_key = _SEGMENT_ID.pack(platform) + title.encode()
+        raw = self._txn.get(title_key, db=self._dmp_titles)
+        if raw is not None:
+            return _SEGMENT_ID.unpack(raw)[0], False
+        name = key if key is not None else str(self._next_id)
+        sid = self.segment_id(name)
+        if sid is not None:
+            if key is None:
+                raise SegmentConflictError(
+                    f"segment name {name!r} is taken by an operator's segment: pass a key"
+                )
+            owner = self.dmp_segment(sid)
+            if owner is not None:
+                raise SegmentConflictError(
+                    f"key {name!r} belongs to segment {sid} ({owner[1]!r} of platform {owner[0]})"
+                )
+        else:
+            sid = self.intern(name)
+        packed = _SEGMENT_ID.pack(sid)
+        record = _VALUE_ENCODER.encode((platform, title, int(time.time())))
+        self._txn.put(packed, record, db=self._dmp_segments)
+        self._txn.put(title_key, packed, db=self._dmp_titles)
+        return sid, True
+
+    def delete_dmp_segment(self, sid: int) -> int:
+        """Delete a DMP-created segment and every membership in it; returns how many
+        memberships went. Its id is never reused; its name stays interned."""
+        owner = self.dmp_segment(sid)
+        if owner is None:
+            return 0
+        packed = _SEGMENT_ID.pack(sid)
+        self._txn.delete(packed, db=self._dmp_segments)
+        self._txn.delete(_SEGMENT_ID.pack(owner[0]) + owner[1].encode(), db=self._dmp_titles)
+        holders = [
+            bytes(key)
+            for key, raw in self._txn.cursor(db=self._members)
+            if sid in _VALUE_DECODER.decode(raw)[2:]  # cheap pre-filter, confirmed below
+        ]
+        return sum(self.remove(key, (sid,)) for key in holders)
+
+    def map_alias(self, their: bytes, ours: bytes) -> None:
+        """Record that a platform's user id ``their`` is our user ``ours``."""
+        self._txn.put(their, ours, db=self._aliases)
+
+    def applied_file(self, name: str) -> bytes | None:
+        """The record of a drop file already applied, or ``None``."""
+        return self._txn.get(name.encode(), db=self._applied_files)
+
+    def record_applied_file(self, name: str, record: bytes) -> None:
+        """Remember that drop file ``name`` was applied (in the same transaction)."""
+        self._txn.put(name.encode(), record, db=self._applied_files)

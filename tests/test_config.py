@@ -84,7 +84,10 @@ def test_json_handoff_round_trip() -> None:
 
 def test_every_option_documented() -> None:
     for key, env, _, doc in options():
-        assert env == "ENRICH_" + key.replace(".", "_").upper()
+        if key.startswith("[[platform]]."):
+            assert env == "ENRICH_PLATFORM_<NAME>_" + key.split(".", 1)[1].upper()
+        else:
+            assert env == "ENRICH_" + key.replace(".", "_").upper()
         assert len(doc) > 10
 
 

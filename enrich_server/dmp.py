@@ -1,0 +1,143 @@
+"""DMP audience mutations: what a platform may push, validated whole, then applied in one
+write transaction.
+
+A mutation names one of the platform's own segments (created through the API) and a user,
+by default our user id (``uid:``), else ``"idtype": "ifa"`` or ``"eid:<source>"``. Any bad
+item rejects the whole batch, listing every bad item by index; nothing of it is applied.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Final, Literal
+
+import msgspec
+
+from enrich_server.keys import EID, IFA, UID, parse_key
+from enrich_server.store import StoreWriter
+
+#: Longest TTL a mutation may ask for (ten years): anything longer is a unit mistake.
+MAX_TTL: Final = 10 * 365 * 86400
+#: How many bad items a rejected batch lists before summarising.
+MAX_LISTED_PROBLEMS: Final = 100
+ADD: Final = "add"
+REMOVE: Final = "remove"
+OPS: Final = (ADD, REMOVE)
+
+
+class Mutation(msgspec.Struct, forbid_unknown_fields=True):
+    """One item of a micro-batch (``POST /v1/segment`` with a JSON array body)."""
+
+    segment: int
+    userid: str
+    op: Literal["add", "remove"] = ADD
+    ttl: int | None = None
+    idtype: str = UID
+
+
+_BATCH_DECODER: Final = msgspec.json.Decoder(list[Mutation])
+_ANY_DECODER: Final = msgspec.json.Decoder()
+
+
+class BatchError(ValueError):
+    """A batch (or single mutation) was refused; ``problems`` lists the bad items."""
+
+    def __init__(self, problems: list[str], more: int = 0) -> None:
+        self.problems = problems
+        self.more = more
+        super().__init__("; ".join(problems) + (f"; and {more} more" if more else ""))
+
+
+def decode_batch(body: bytes, max_items: int) -> list[Mutation]:
+    """Decode a micro-batch body; raises ``BatchError`` naming every malformed item."""
+    try:
+        items = _BATCH_DECODER.decode(body)
+    except msgspec.DecodeError:
+        items = _itemwise(body)
+    if not items:
+        raise BatchError(["the batch is empty"])
+    if len(items) > max_items:
+        raise BatchError([f"the batch has {len(items)} items, more than {max_items}"])
+    return items
+
+
+def _itemwise(body: bytes) -> list[Mutation]:
+    """The slow path of a batch that did not decode: say what is wrong with each item."""
+    try:
+        raw = _ANY_DECODER.decode(body)
+    except msgspec.DecodeError as exc:
+        raise BatchError([f"body is not JSON: {exc}"]) from None
+    if not isinstance(raw, list):
+        raise BatchError(["body must be a JSON array of {segment, userid[, op, ttl, idtype]}"])
+    problems = []
+    for index, item in enumerate(raw):
+        try:
+            msgspec.convert(item, Mutation)
+        except msgspec.ValidationError as exc:
+            problems.append(f"item {index}: {exc}")
+    raise _capped(problems)
+
+
+def _capped(problems: list[str]) -> BatchError:
+    return BatchError(problems[:MAX_LISTED_PROBLEMS], max(0, len(problems) - MAX_LISTED_PROBLEMS))
+
+
+def user_key(userid: str, idtype: str) -> bytes:
+    """The store key of a pushed user; raises ``ValueError`` saying what is wrong."""
+    if idtype not in (UID, IFA) and not idtype.startswith(EID + ":"):
+        raise ValueError(f"idtype {idtype!r} is not uid, ifa or eid:<source>")
+    if not userid or not userid.isprintable() or any(c.isspace() for c in userid):
+        raise ValueError(f"userid {userid!r} is empty or has spaces or control characters")
+    return parse_key(f"{idtype}:{userid}")
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What a batch did: mutations applied, by op."""
+
+    count: int
+    ops: Counter[str]
+
+
+def apply_batch(
+    writer: StoreWriter, platform: int, default_ttl: int, items: list[Mutation], now: int = 0
+) -> Applied:
+    """Validate ``items`` against the store (each segment must be the platform's own), then
+    apply them all, in key order; raises ``BatchError`` (nothing written) on any bad item."""
+    now = now or int(time.time())
+    problems: list[str] = []
+    owned: dict[int, bool] = {}
+    planned: list[tuple[bytes, int, bool, int]] = []
+    for index, item in enumerate(items):
+        sid = item.segment
+        mine = owned.get(sid)
+        if mine is None:
+            owner = writer.dmp_segment(sid)
+            mine = owned[sid] = owner is not None and owner[0] == platform
+        if not mine:
+            problems.append(f"item {index}: segment {sid} is not a segment of this platform")
+            continue
+        ttl = default_ttl if item.ttl is None else item.ttl
+        if not 0 <= ttl <= MAX_TTL:
+            problems.append(f"item {index}: ttl {ttl} is outside 0-{MAX_TTL} seconds")
+            continue
+        try:
+            key = user_key(item.userid, item.idtype)
+        except ValueError as exc:
+            problems.append(f"item {index}: {exc}")
+            continue
+        planned.append((key, sid, item.op == ADD, now + ttl if ttl else 0))
+    if problems:
+        raise _capped(problems)
+    # Neighbouring keys share B-tree pages: fewer pages touched per commit. A stable sort
+    # on the key alone keeps a user's own mutations in the order they were sent.
+    planned.sort(key=itemgetter(0))
+    for key, sid, add, expires in planned:
+        if add:
+            writer.add(key, (sid,), expires)
+        else:
+            writer.remove(key, (sid,))
+    return Applied(len(planned), Counter(ADD if p[2] else REMOVE for p in planned))

@@ -1,0 +1,371 @@
+"""The DMP-facing HTTP API (seed 000, DESIGN §4): user sync and audience ingestion.
+
+| call | does |
+|---|---|
+| ``GET /sync?out=URL`` | 302 to ``URL`` with ``[[USERID]]`` = our user id (cookie) |
+| ``GET /uid?userid=&pl=&plsec=`` | remember a platform's user id as ours (or signed) |
+| ``POST /v1/segment?title=[&key=]`` | create a segment (idempotent per platform and title) |
+| ``POST /v1/segment?id=&userid=`` | add one user; ``DELETE`` the same removes one |
+| ``POST /v1/segment`` + JSON array | micro-batch of mutations, validated whole |
+| ``GET /v1/segment``, ``GET``/``DELETE /v1/segment/{id}`` | list, get, delete segments |
+| ``GET /openapi.json`` | the OpenAPI description of all of the above |
+
+Ingestion calls authenticate a platform (HTTP Basic or bearer, ``PlatformCredentials``);
+writes go through the process's ``WriteQueue`` and are answered after their commit.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from enrich_server.auth import PlatformCredentials
+from enrich_server.config import Config, PlatformConfig
+from enrich_server.dmp import Applied, BatchError, Mutation, apply_batch, decode_batch
+from enrich_server.errors import SegmentConflictError, StoreError
+from enrich_server.metrics import Metrics
+from enrich_server.openapi import openapi_document
+from enrich_server.snapshot import segment_name_problem
+from enrich_server.store import DmpSegment, SegmentStore, StoreWriter
+from enrich_server.sync import (
+    SignatureChecker,
+    our_user_id,
+    raw_sync_target,
+    redirect_problem,
+    their_id_problem,
+    user_cookie,
+    with_user_id,
+)
+from enrich_server.writes import WriteQueue
+
+log = logging.getLogger(__name__)
+
+MAX_TITLE_CHARS: Final = 1000
+_NO_STORE: Final = {"cache-control": "no-store"}
+_CHALLENGE: Final = {"www-authenticate": 'Basic realm="enrich-server ingestion"'}
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"status": "error", "error": message, **extra}, status, _NO_STORE)
+
+
+def _ok(**fields: Any) -> JSONResponse:
+    return JSONResponse({"status": "OK", **fields}, headers=_NO_STORE)
+
+
+def _refused_batch(exc: BatchError) -> JSONResponse:
+    return _error(400, "batch refused, nothing applied", problems=exc.problems, more=exc.more)
+
+
+def _segment_json(segment: DmpSegment) -> dict[str, Any]:
+    return {
+        "segment_id": segment.segment_id,
+        "title": segment.title,
+        "key": segment.key,
+        "created": segment.created,
+    }
+
+
+class _RefusedError(Exception):
+    """Ends a request early with an error response."""
+
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+
+class DmpApi:
+    """The DMP endpoints of one serving process.
+
+    ``store`` returns the process's open store (``None`` before start-up or after
+    shut-down); ``start``/``stop`` run the writer thread with the lifespan.
+    """
+
+    def __init__(
+        self, config: Config, store: Callable[[], SegmentStore | None], metrics: Metrics
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._metrics = metrics
+        self._credentials = PlatformCredentials(config.platforms)
+        self._signatures = SignatureChecker(config.dmp.signature_window)
+        # An unsigned /sync may go to the hosts of the platforms that do not sign.
+        self._unsigned_hosts = frozenset(
+            host for p in config.platforms if not p.hmac_secret for host in p.sync_hosts
+        )
+        self._writes: WriteQueue | None = None
+        self._openapi = openapi_document(config)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any platform is configured (else the store stays read-only)."""
+        return bool(self._config.platforms)
+
+    def start(self) -> None:
+        """Start the writer thread (the store must be open, writable)."""
+        self._writes = WriteQueue(self._store)
+
+    def stop(self) -> None:
+        """Finish queued writes and stop the writer thread."""
+        if self._writes is not None:
+            self._writes.close()
+            self._writes = None
+
+    def routes(self) -> list[Route]:
+        """The Starlette routes of the API."""
+        return [
+            Route("/sync", self._counted("sync", self.sync), methods=["GET"]),
+            Route("/uid", self._counted("uid", self.uid), methods=["GET"]),
+            Route(
+                "/v1/segment",
+                self._counted("segment", self.segments),
+                methods=["GET", "POST", "DELETE"],
+            ),
+            Route(
+                "/v1/segment/{segment_id:int}",
+                self._counted("segment", self.one_segment),
+                methods=["GET", "DELETE"],
+            ),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
+        ]
+
+    def _counted(self, endpoint: str, handler: Handler) -> Handler:
+        async def counted(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except _RefusedError as refused:
+                response = refused.response
+            self._metrics.dmp_request(endpoint, response.status_code)
+            return response
+
+        return counted
+
+    async def openapi(self, _: Request) -> Response:
+        """``GET /openapi.json``."""
+        return JSONResponse(self._openapi)
+
+    # -- user sync ------------------------------------------------------------------------
+
+    async def sync(self, request: Request) -> Response:
+        """``GET /sync?out=URL``: redirect to ``URL`` with our user id in it."""
+        params = request.query_params.multi_items()
+        if any(name == "sig" for name, _ in params):
+            platform = self._signed_platform(params)
+            out: str | None = dict(params).get("out", "")
+            hosts: frozenset[str] | tuple[str, ...] = platform.sync_hosts
+        else:
+            out = raw_sync_target(request.url.query)
+            hosts = self._unsigned_hosts
+            if out is None:
+                return _error(400, "out must be the first parameter: /sync?out=<url>")
+        assert out is not None
+        problem = redirect_problem(out, hosts)
+        if problem:
+            return _error(400, problem)
+        user_id, _ = our_user_id(request.cookies.get(self._config.dmp.cookie))
+        return Response(
+            status_code=302,
+            headers={
+                "location": with_user_id(out, user_id),
+                "set-cookie": self._cookie(user_id),
+                **_NO_STORE,
+            },
+        )
+
+    async def uid(self, request: Request) -> Response:
+        """``GET /uid?userid=THEIRS&pl=ID&plsec=TOKEN`` (or ``&ts=&sig=``): remember that
+        the platform's user ``THEIRS`` is our user (from our cookie, or a new one)."""
+        params = request.query_params.multi_items()
+        given = dict(params)
+        if "sig" in given:
+            platform = self._signed_platform(params)
+        else:
+            platform = self._platform(given.get("pl", ""))
+            plsec = given.get("plsec", "")
+            if platform.hmac_secret:
+                return _error(403, f"platform {platform.id} must sign its /uid calls")
+            if not platform.plsec or not hmac.compare_digest(
+                plsec.encode(), platform.plsec.encode()
+            ):
+                return _error(403, "bad plsec")
+        their = given.get("userid", "")
+        problem = their_id_problem(their)
+        if problem:
+            return _error(400, problem)
+        ours, _ = our_user_id(request.cookies.get(self._config.dmp.cookie))
+
+        def map_alias(writer: StoreWriter) -> None:
+            writer.map_alias(their.encode(), ours.encode())
+
+        await self._write(map_alias)
+        store = self._store()
+        if store is not None:
+            store.has_aliases = True
+        cookie = {"set-cookie": self._cookie(ours), **_NO_STORE}
+        return JSONResponse({"status": "OK"}, headers=cookie)
+
+    def _cookie(self, user_id: str) -> str:
+        dmp = self._config.dmp
+        return user_cookie(dmp.cookie, user_id, dmp.cookie_max_age)
+
+    def _platform(self, pl: str) -> PlatformConfig:
+        platform = self._config.platform(int(pl)) if pl.isdigit() and len(pl) < 10 else None
+        if platform is None:
+            raise _RefusedError(_error(403, f"unknown platform {pl!r}"))
+        return platform
+
+    def _signed_platform(self, params: list[tuple[str, str]]) -> PlatformConfig:
+        platform = self._platform(dict(params).get("pl", ""))
+        if not platform.hmac_secret:
+            raise _RefusedError(_error(403, f"platform {platform.id} has no shared secret to sign"))
+        problem = self._signatures.problem(platform.hmac_secret, params)
+        if problem:
+            raise _RefusedError(_error(403, problem))
+        return platform
+
+    # -- segments and population ----------------------------------------------------------
+
+    def _authenticated(self, request: Request) -> PlatformConfig:
+        platform = self._credentials.authenticate(request.headers.get("authorization", ""))
+        if platform is None:
+            raise _RefusedError(
+                JSONResponse(
+                    {"status": "error", "error": "missing or wrong ingestion credentials"},
+                    401,
+                    {**_CHALLENGE, **_NO_STORE},
+                )
+            )
+        return platform
+
+    async def segments(self, request: Request) -> Response:
+        """``/v1/segment``: list (GET), create / add / micro-batch (POST), remove (DELETE)."""
+        platform = self._authenticated(request)
+        query = request.query_params
+        if request.method == "GET":
+            store = self._open_store()
+            return _ok(segments=[_segment_json(s) for s in store.dmp_segments(platform.id)])
+        if request.method == "DELETE":
+            if "id" not in query or "userid" not in query:
+                return _error(
+                    400,
+                    "DELETE /v1/segment needs id and userid "
+                    "(DELETE /v1/segment/{id} deletes a whole segment)",
+                )
+            return await self._single(platform, request, "remove")
+        if "title" in query:
+            return await self._create(platform, query.get("title", ""), query.get("key"))
+        if "id" in query or "userid" in query:
+            return await self._single(platform, request, "add")
+        body = await self._body(request)
+        try:
+            items = decode_batch(body, self._config.dmp.max_batch)
+        except BatchError as exc:
+            return _refused_batch(exc)
+        return await self._apply(platform, items)
+
+    async def one_segment(self, request: Request) -> Response:
+        """``/v1/segment/{id}``: get (GET) or delete with all its members (DELETE)."""
+        platform = self._authenticated(request)
+        sid: int = request.path_params["segment_id"]
+        segment = self._open_store().dmp_segment(sid)
+        if segment is None or segment.platform != platform.id:
+            return _error(404, f"no segment {sid} of this platform")
+        if request.method == "GET":
+            return _ok(segment=_segment_json(segment))
+        removed: int = await self._write(lambda writer: writer.delete_dmp_segment(sid))
+        log.info(
+            "segment deleted",
+            extra={"platform": platform.name, "segment_id": sid, "memberships_removed": removed},
+        )
+        return _ok(deleted=True, segment_id=sid, memberships_removed=removed)
+
+    async def _create(self, platform: PlatformConfig, title: str, key: str | None) -> Response:
+        if not title or len(title) > MAX_TITLE_CHARS or not title.isprintable():
+            return _error(400, f"title must be 1-{MAX_TITLE_CHARS} printable characters")
+        problem = segment_name_problem(key) if key is not None else None
+        if problem:
+            return _error(400, f"key: {problem}")
+        try:
+            sid, created = await self._write(
+                lambda writer: writer.create_dmp_segment(platform.id, title, key)
+            )
+        except SegmentConflictError as exc:
+            return _error(409, str(exc))
+        if created:
+            log.info(
+                "segment created",
+                extra={"platform": platform.name, "segment_id": sid, "title": title},
+            )
+        return _ok(created=created, segment_id=sid)
+
+    async def _single(self, platform: PlatformConfig, request: Request, op: str) -> Response:
+        query = request.query_params
+        sid, ttl = query.get("id", ""), query.get("ttl")
+        if not sid.isdigit() or (ttl is not None and not ttl.isdigit()):
+            return _error(400, "id (and ttl, when given) must be whole numbers")
+        item = Mutation(
+            segment=int(sid),
+            userid=query.get("userid", ""),
+            op="remove" if op == "remove" else "add",
+            ttl=int(ttl) if ttl is not None else None,
+            idtype=query.get("idtype", "uid"),
+        )
+        return await self._apply(platform, [item])
+
+    async def _apply(self, platform: PlatformConfig, items: list[Mutation]) -> Response:
+        started = time.perf_counter()
+        try:
+            applied: Applied = await self._write(
+                lambda writer: apply_batch(writer, platform.id, platform.ttl, items)
+            )
+        except BatchError as exc:
+            return _refused_batch(exc)
+        for op, count in applied.ops.items():
+            self._metrics.ingested(platform.name, op, count)
+        log.info(
+            "ingested",
+            extra={
+                "platform": platform.name,
+                "mutations": applied.count,
+                "ms": round((time.perf_counter() - started) * 1000, 2),
+            },
+        )
+        return _ok(applied=applied.count)
+
+    async def _write(self, job: Callable[[StoreWriter], Any]) -> Any:
+        if self._writes is None:
+            raise _RefusedError(_error(503, "the store is not open for writing"))
+        try:
+            return await self._writes.run(job)
+        except SegmentConflictError:
+            raise
+        except StoreError as exc:  # the disk or the map, not the client: nothing was applied
+            log.error("store write failed", extra={"error": str(exc)})
+            raise _RefusedError(_error(503, f"store write failed, nothing applied: {exc}")) from exc
+
+    def _open_store(self) -> SegmentStore:
+        store = self._store()
+        if store is None:
+            raise _RefusedError(_error(503, "the store is not open"))
+        return store
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self._config.dmp.max_body
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _RefusedError(_error(413, f"body larger than {limit} bytes"))
+        chunks = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _RefusedError(_error(413, f"body larger than {limit} bytes"))
+            chunks.append(chunk)
+        return b"".join(chunks)

@@ -1,0 +1,117 @@
+"""One writer thread per serving process, with group commit.
+
+LMDB allows one write transaction at a time (across processes), and a commit waits for the
+disk. Running writes on the event loop would stall ``/enrich`` behind every fsync; so they
+run on this thread, and the loop only awaits their result. Jobs queued while a commit is
+in flight are applied together in the next transaction: under load, many batches share
+one fsync. A job's future resolves only after its commit, so an acknowledged write is on
+disk. A job that raises is retried alone, so it never takes the others of its group down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
+
+from enrich_server.store import SegmentStore, StoreWriter
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Job = Callable[[StoreWriter], Any]
+_STOP: Final = None
+#: Most jobs sharing one transaction: bounds how long one commit holds LMDB's write lock.
+MAX_GROUP: Final = 64
+
+
+class _Pending:
+    __slots__ = ("future", "job", "loop")
+
+    def __init__(self, job: Job, future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop):
+        self.job = job
+        self.future = future
+        self.loop = loop
+
+    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.loop.call_soon_threadsafe(_settle, self.future, result, error)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the client went away; the write itself stands
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class WriteQueue:
+    """Runs store writes on a dedicated thread; ``await queue.run(job)`` from the loop."""
+
+    def __init__(self, store: Callable[[], SegmentStore | None]) -> None:
+        self._store = store
+        self._jobs: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="store-writer", daemon=True)
+        self._thread.start()
+
+    async def run(self, job: Callable[[StoreWriter], T]) -> T:
+        """Apply ``job`` in a write transaction; returns its result once committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put(_Pending(job, future, loop))
+        return await future
+
+    def close(self) -> None:
+        """Finish the queued jobs, then stop the thread."""
+        self._jobs.put(_STOP)
+        self._thread.join()
+
+    def _work(self) -> None:
+        while True:
+            first = self._jobs.get()
+            if first is _STOP:
+                return
+            group = [first]
+            stop = False
+            while len(group) < MAX_GROUP:
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    stop = True
+                    break
+                group.append(more)
+            self._apply(group)
+            if stop:
+                return
+
+    def _apply(self, group: list[_Pending]) -> None:
+        store = self._store()
+        if store is None:
+            error = RuntimeError("the store is closed")
+            for pending in group:
+                pending.settle(error=error)
+            return
+        if len(group) > 1:
+            try:
+                with store.writer() as writer:
+                    results = [pending.job(writer) for pending in group]
+            except Exception:  # one job's failure: run each alone, below, to isolate it
+                pass
+            else:
+                for pending, result in zip(group, results, strict=True):
+                    pending.settle(result)
+                return
+        for pending in group:
+            try:
+                with store.writer() as writer:
+                    result = pending.job(writer)
+            except Exception as exc:  # handed to the awaiting request
+                pending.settle(error=exc)
+            else:
+                pending.settle(result)

@@ -1,0 +1,190 @@
+"""DMP mutations, segments and aliases at the store level, and the writer thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from enrich_server.dmp import BatchError, Mutation, apply_batch, decode_batch, user_key
+from enrich_server.errors import SegmentConflictError
+from enrich_server.store import SegmentStore, StoreWriter
+from enrich_server.writes import WriteQueue
+from tests.conftest import StoreFactory
+
+
+@pytest.fixture
+def store(make_store: StoreFactory) -> Path:
+    return make_store("uid:op\toperator_seg\n")
+
+
+def test_create_is_idempotent_and_keys_are_checked(store: Path) -> None:
+    with StoreWriter(store) as writer:
+        first = writer.create_dmp_segment(1, "Title", None)
+        assert writer.create_dmp_segment(1, "Title", None) == (first[0], False)
+        assert first[1] is True
+        other_platform = writer.create_dmp_segment(2, "Title", None)
+        assert other_platform[0] != first[0]
+        shared = writer.create_dmp_segment(1, "Shares", "operator_seg")
+        assert shared == (writer.segment_id("operator_seg"), True)
+        with pytest.raises(SegmentConflictError, match="belongs to segment"):
+            writer.create_dmp_segment(2, "Steal", "operator_seg")
+    opened = SegmentStore(store)
+    try:
+        assert [s.title for s in opened.dmp_segments(1)] == ["Shares", "Title"]  # by id
+        assert opened.dmp_segment(first[0]).key == str(first[0])  # type: ignore[union-attr]
+        assert opened.dmp_segment(999) is None
+        assert opened.dmp_segment(0) is None
+    finally:
+        opened.close()
+
+
+def test_default_name_taken_by_an_operator_segment(make_store: StoreFactory) -> None:
+    store = make_store("uid:op\toperator_seg,3\n")  # ids 1 and 2; the next id is 3
+    with pytest.raises(SegmentConflictError, match="pass a key"), StoreWriter(store) as writer:
+        writer.create_dmp_segment(1, "Default name taken", None)
+
+
+def test_batch_order_is_kept_per_user(store: Path) -> None:
+    with StoreWriter(store) as writer:
+        sid, _ = writer.create_dmp_segment(1, "T", None)
+        items = [
+            Mutation(segment=sid, userid="b"),
+            Mutation(segment=sid, userid="a"),
+            Mutation(segment=sid, userid="a", op="remove"),
+            Mutation(segment=sid, userid="c", op="remove"),
+            Mutation(segment=sid, userid="c"),
+            Mutation(segment=sid, userid="ifa-user", idtype="ifa", ttl=10),
+        ]
+        applied = apply_batch(writer, 1, 0, items, now=100)
+    assert applied.count == 6
+    assert applied.ops == {"add": 4, "remove": 2}
+    opened = SegmentStore(store)
+    try:
+        assert opened.memberships(b"uid:a") is None  # added, then removed
+        assert opened.memberships(b"uid:c") == {str(sid): 0}  # removed, then added
+        assert opened.memberships(b"ifa:ifa-user") == {str(sid): 110}
+    finally:
+        opened.close()
+
+
+def test_bad_batch_writes_nothing(store: Path) -> None:
+    with StoreWriter(store) as writer:
+        sid, _ = writer.create_dmp_segment(1, "T", None)
+    with pytest.raises(BatchError) as caught, StoreWriter(store) as writer:
+        apply_batch(
+            writer, 1, 0, [Mutation(segment=sid, userid="ok"), Mutation(segment=sid, userid="")]
+        )
+    assert caught.value.problems == [
+        "item 1: userid '' is empty or has spaces or control characters"
+    ]
+    opened = SegmentStore(store)
+    try:
+        assert opened.memberships(b"uid:ok") is None
+    finally:
+        opened.close()
+
+
+def test_decode_batch() -> None:
+    assert decode_batch(b'[{"segment": 1, "userid": "a", "op": "remove"}]', 10) == [
+        Mutation(segment=1, userid="a", op="remove")
+    ]
+    with pytest.raises(BatchError, match="more than 1"):
+        decode_batch(b'[{"segment": 1, "userid": "a"}, {"segment": 1, "userid": "b"}]', 1)
+    with pytest.raises(BatchError) as caught:
+        decode_batch(b'[{"segment": 1, "userid": "a"}, {"segment": 1}, 5]', 10)
+    assert [p.split(":")[0] for p in caught.value.problems] == ["item 1", "item 2"]
+
+
+@pytest.mark.parametrize(
+    ("userid", "idtype", "key"),
+    [
+        ("abc", "uid", b"uid:abc"),
+        ("AAAA-BBBB", "ifa", b"ifa:aaaa-bbbb"),
+        ("x1", "eid:ID5-Sync.com", b"eid:id5-sync.com:x1"),
+    ],
+)
+def test_user_keys(userid: str, idtype: str, key: bytes) -> None:
+    assert user_key(userid, idtype) == key
+
+
+@pytest.mark.parametrize(
+    ("userid", "idtype"), [("a", "domain"), ("a", "eid:"), ("", "uid"), ("a\tb", "uid")]
+)
+def test_bad_user_keys(userid: str, idtype: str) -> None:
+    with pytest.raises(ValueError, match=r"idtype|userid|eid key"):
+        user_key(userid, idtype)
+
+
+def test_aliases_resolve_only_once_one_exists(store: Path) -> None:
+    with StoreWriter(store) as writer:
+        writer.add(b"uid:ours", (writer.intern("synced"),), 0)
+    opened = SegmentStore(store, writable=True)
+    try:
+        keys = [b"uid:theirs", b"eid:src:theirs2"]
+        assert opened.resolve(keys, 0, 10).segments_json == []
+        with opened.writer() as writer:
+            writer.map_alias(b"theirs2", b"ours")
+        assert opened.resolve(keys, 0, 10).segments_json == []  # not yet refreshed
+        opened.refresh()
+        assert opened.has_aliases
+        assert opened.resolve(keys, 0, 10).segments_json == [b'"synced"']
+        assert opened.alias(b"theirs2") == b"ours"
+    finally:
+        opened.close()
+
+
+def test_read_only_store_has_no_writer(store: Path) -> None:
+    opened = SegmentStore(store)
+    try:
+        assert opened.dmp_segments() == []
+        assert opened.alias(b"x") is None
+        with pytest.raises(Exception, match="read-only"):
+            opened.writer()
+    finally:
+        opened.close()
+
+
+def test_write_queue_groups_and_isolates_failures(store: Path) -> None:
+    opened = SegmentStore(store, writable=True)
+    queue = WriteQueue(lambda: opened)
+    gate = threading.Event()
+    seen_groups: list[int] = []
+
+    def slow(writer: StoreWriter) -> str:
+        gate.wait(5)
+        return "slow"
+
+    def add(n: int):  # type: ignore[no-untyped-def]
+        def job(writer: StoreWriter) -> int:
+            seen_groups.append(id(writer))
+            writer.add(f"uid:q{n}".encode(), (writer.intern("queued"),), 0)
+            return n
+
+        return job
+
+    def broken(writer: StoreWriter) -> None:
+        raise ValueError("bad job")
+
+    async def main() -> list[object]:
+        first = asyncio.ensure_future(queue.run(slow))
+        await asyncio.sleep(0.05)  # the writer thread now waits inside "slow"
+        rest = [asyncio.ensure_future(queue.run(add(n))) for n in range(5)]
+        failing = asyncio.ensure_future(queue.run(broken))
+        gate.set()
+        results: list[object] = [await first]
+        results += [await r for r in rest]
+        with pytest.raises(ValueError, match="bad job"):
+            await failing
+        return results
+
+    try:
+        assert asyncio.run(main()) == ["slow", 0, 1, 2, 3, 4]
+        # The five adds were queued together: one group (run twice: once with the broken
+        # job, aborted, then alone each); all of them committed.
+        assert all(opened.memberships(f"uid:q{n}".encode()) for n in range(5))
+    finally:
+        queue.close()
+        opened.close()

@@ -1,0 +1,396 @@
+"""The DMP API end to end: a real ``serve`` with platforms configured, over HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+
+from enrich_server.store import SegmentStore
+from enrich_server.sync import sign
+from tests.conftest import StoreFactory
+from tests.utils import RunningServer, run_server
+
+CONFIG = """
+[dmp]
+max_batch = 50
+max_body = 65536
+
+[enrich.auth]
+header = "X-Api-Key"
+tokens = ["index-token"]
+
+[[platform]]
+id = 99999
+name = "mapp"
+basic = "foo:bar"
+plsec = "verysecure"
+sync_hosts = ["go.flx1.com"]
+ttl = 0
+
+[[platform]]
+id = 7
+name = "signer"
+tokens = ["signer-token"]
+hmac_secret = "shared-secret"
+sync_hosts = ["sync.signer.example"]
+
+[[platform]]
+id = 5
+name = "index"
+plsec = "idxsec"
+"""
+MAPP = ("foo", "bar")
+ENRICH_HEADERS = {"X-Api-Key": "index-token"}
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "enrich.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+@pytest.fixture
+def store(make_store: StoreFactory) -> Path:
+    return make_store("uid:someone\toperator_segment\ndomain:news.example\tctx_news\n")
+
+
+@pytest.fixture
+def server(store: Path, config: Path) -> Iterator[RunningServer]:
+    with run_server(store, "--config", str(config)) as running:
+        yield running
+
+
+def _enrich(client: httpx.Client, user_id: str = "", eid: str = "") -> list[str]:
+    body: dict[str, object] = {"site": {"domain": "news.example"}}
+    if user_id:
+        body["user"] = {"id": user_id}
+    if eid:
+        body["user"] = {"eids": [{"source": "partner.example", "uids": [{"id": eid}]}]}
+    answer = client.post("/enrich", content=json.dumps(body), headers=ENRICH_HEADERS)
+    assert answer.status_code == 200
+    segments: list[str] = answer.json()["segment_ids"]
+    return segments
+
+
+def _sync(client: httpx.Client, cookie: str | None = None) -> str:
+    """Run /sync as a browser would; returns our user id from the redirect."""
+    headers = {"cookie": f"enrich_uid={cookie}"} if cookie else {}
+    out = "https://go.flx1.com/uid?userid=[[USERID]]&pl=99999&plsec=verysecure"
+    answer = client.get(f"/sync?out={out}", headers=headers)
+    assert answer.status_code == 302, answer.text
+    location = answer.headers["location"]
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(location).query)
+    assert location.startswith("https://go.flx1.com/uid?userid=")
+    assert query["pl"] == ["99999"]
+    assert query["plsec"] == ["verysecure"]
+    user_id = query["userid"][0]
+    assert f"enrich_uid={user_id};" in answer.headers["set-cookie"]
+    return user_id
+
+
+def test_full_dmp_flow(server: RunningServer) -> None:
+    with httpx.Client(base_url=server.url, auth=MAPP) as client:
+        ours = _sync(client)
+        assert _sync(client, cookie=ours) == ours  # the cookie keeps the id
+        created = client.post("/v1/segment", params={"title": "My segment"})
+        assert created.status_code == 200
+        body = created.json()
+        assert body["status"] == "OK"
+        assert body["created"] is True
+        assert set(body) == {"status", "created", "segment_id"}
+        sid = body["segment_id"]
+        again = client.post("/v1/segment", params={"title": "My segment"}).json()
+        assert again == {"status": "OK", "created": False, "segment_id": sid}
+        keyed = client.post("/v1/segment", params={"title": "Fans", "key": "mapp_fans"}).json()
+        others = [f"other{i}" for i in range(9)]
+        batch = [{"segment": sid, "userid": ours}] + [
+            {"segment": keyed["segment_id"], "userid": u, "ttl": 3600} for u in [ours, *others]
+        ]
+        applied = client.post("/v1/segment", content=json.dumps(batch))
+        assert applied.status_code == 200
+        assert applied.json() == {"status": "OK", "applied": 11}
+        assert _enrich(client, ours) == [str(sid), "mapp_fans", "ctx_news"]
+        removed = client.delete("/v1/segment", params={"id": sid, "userid": ours})
+        assert removed.json() == {"status": "OK", "applied": 1}
+        assert _enrich(client, ours) == ["mapp_fans", "ctx_news"]
+        gone = [{"segment": keyed["segment_id"], "userid": ours, "op": "remove"}]
+        assert client.post("/v1/segment", content=json.dumps(gone)).json()["applied"] == 1
+        assert _enrich(client, ours) == ["ctx_news"]
+        assert _enrich(client, "other3") == ["mapp_fans", "ctx_news"]
+        single = client.post("/v1/segment", params={"id": sid, "userid": "solo"})
+        assert single.status_code == 200
+        assert _enrich(client, "solo") == [str(sid), "ctx_news"]
+        metrics = client.get("/metrics").text
+    assert 'enrich_ingest_mutations_total{op="add",platform="mapp"} 12.0' in metrics
+    assert 'enrich_ingest_mutations_total{op="remove",platform="mapp"} 2.0' in metrics
+
+
+def test_segments_list_get_delete_and_key_conflicts(server: RunningServer) -> None:
+    with httpx.Client(base_url=server.url, auth=MAPP) as client:
+        a = client.post("/v1/segment", params={"title": "A", "key": "seg_a"}).json()["segment_id"]
+        b = client.post("/v1/segment", params={"title": "B"}).json()["segment_id"]
+        listed = client.get("/v1/segment").json()["segments"]
+        assert [(s["segment_id"], s["title"], s["key"]) for s in listed] == [
+            (a, "A", "seg_a"),
+            (b, "B", str(b)),
+        ]
+        assert client.get(f"/v1/segment/{a}").json()["segment"]["key"] == "seg_a"
+        clash = client.post("/v1/segment", params={"title": "C", "key": "seg_a"})
+        assert clash.status_code == 409
+        assert "seg_a" in clash.json()["error"]
+        bad_key = client.post("/v1/segment", params={"title": "D", "key": "x,y"})
+        assert bad_key.status_code == 400
+        assert client.post("/v1/segment", params={"title": ""}).status_code == 400
+        batch = [{"segment": a, "userid": f"u{i}"} for i in range(10)]
+        assert client.post("/v1/segment", content=json.dumps(batch)).status_code == 200
+        deleted = client.delete(f"/v1/segment/{a}")
+        assert deleted.json() == {
+            "status": "OK",
+            "deleted": True,
+            "segment_id": a,
+            "memberships_removed": 10,
+        }
+        assert client.get(f"/v1/segment/{a}").status_code == 404
+        assert _enrich(client, "u3") == ["ctx_news"]
+    # Another platform sees none of mapp's segments, and cannot push into them.
+    theirs = {"Authorization": "Bearer signer-token"}
+    with httpx.Client(base_url=server.url, headers=theirs) as other:
+        assert other.get("/v1/segment").json()["segments"] == []
+        assert other.get(f"/v1/segment/{b}").status_code == 404
+        assert other.delete(f"/v1/segment/{b}").status_code == 404
+        refused = other.post("/v1/segment", content=json.dumps([{"segment": b, "userid": "x"}]))
+        assert refused.status_code == 400
+        assert "not a segment of this platform" in refused.json()["problems"][0]
+
+
+def test_batch_validated_whole(server: RunningServer) -> None:
+    with httpx.Client(base_url=server.url, auth=MAPP) as client:
+        sid = client.post("/v1/segment", params={"title": "T"}).json()["segment_id"]
+        batch: list[dict[str, object]] = [{"segment": sid, "userid": f"ok{i}"} for i in range(12)]
+        batch[3] = {"segment": sid, "userid": "has space"}
+        batch[7] = {"segment": sid, "userid": "fine", "ttl": -5}
+        batch[9] = {"segment": 424242, "userid": "fine"}
+        batch[10] = {"segment": sid, "userid": "fine", "idtype": "domain"}
+        refused = client.post("/v1/segment", content=json.dumps(batch))
+        assert refused.status_code == 400
+        problems = refused.json()["problems"]
+        assert [p.split(":")[0] for p in problems] == ["item 3", "item 7", "item 9", "item 10"]
+        assert _enrich(client, "ok0") == ["ctx_news"]  # nothing of it was applied
+        typed = [{"segment": sid, "userid": "a"}, {"segment": "x", "userid": 3}, {"op": "zap"}]
+        wrong = client.post("/v1/segment", content=json.dumps(typed)).json()
+        assert [p.split(":")[0] for p in wrong["problems"]] == ["item 1", "item 2"]
+        unknown = [{"segment": sid, "userid": "a", "colour": "red"}]
+        assert client.post("/v1/segment", content=json.dumps(unknown)).status_code == 400
+        for body in (b"{not json", b"{}", b"[]"):
+            answer = client.post("/v1/segment", content=body)
+            assert answer.status_code == 400, body
+            assert answer.json()["status"] == "error"
+        too_many = [{"segment": sid, "userid": f"u{i}"} for i in range(51)]
+        answer = client.post("/v1/segment", content=json.dumps(too_many))
+        assert answer.status_code == 400
+        assert "more than 50" in answer.json()["problems"][0]
+        huge = client.post("/v1/segment", content=b"[" + b" " * 70000 + b"]")
+        assert huge.status_code == 413
+        assert client.post("/v1/segment", params={"id": "x", "userid": "a"}).status_code == 400
+        assert client.delete("/v1/segment", params={"id": sid}).status_code == 400
+        assert _enrich(client, "u1") == ["ctx_news"]
+
+
+def test_ingestion_needs_the_platforms_credentials(server: RunningServer) -> None:
+    batch = json.dumps([{"segment": 1, "userid": "a"}])
+    with httpx.Client(base_url=server.url) as client:
+        for headers in (
+            {},
+            {"Authorization": "Basic Zm9vOmJheg=="},  # foo:baz
+            {"Authorization": "Basic not-base64!"},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "Bearer index-token"},  # /enrich's token is not a DMP credential
+            {"X-Api-Key": "index-token"},
+            {"Authorization": "Digest foo"},
+        ):
+            for method, kwargs in (
+                ("POST", {"content": batch}),
+                ("POST", {"params": {"title": "t"}}),
+                ("GET", {}),
+                ("DELETE", {"params": {"id": 1, "userid": "a"}}),
+            ):
+                answer = client.request(method, "/v1/segment", headers=headers, **kwargs)
+                assert answer.status_code == 401, (headers, method)
+                assert answer.headers["www-authenticate"].startswith("Basic")
+            assert client.delete("/v1/segment/1", headers=headers).status_code == 401
+        ok = client.get("/v1/segment", headers={"Authorization": "Bearer signer-token"})
+        assert ok.status_code == 200
+        # and a DMP credential cannot query /enrich
+        refused = client.post("/enrich", content=b"{}", auth=MAPP)
+        assert refused.status_code == 401
+
+
+def test_uid_sync_makes_their_ids_resolve(server: RunningServer) -> None:
+    with httpx.Client(base_url=server.url, auth=MAPP) as client:
+        ours = _sync(client)
+        sid = client.post("/v1/segment", params={"title": "T", "key": "synced"}).json()[
+            "segment_id"
+        ]
+        client.post("/v1/segment", params={"id": sid, "userid": ours})
+        assert _enrich(client, "IDX-123") == ["ctx_news"]
+        cookie = {"cookie": f"enrich_uid={ours}"}
+        mapped = client.get(
+            "/uid", params={"userid": "IDX-123", "pl": 5, "plsec": "idxsec"}, headers=cookie
+        )
+        assert mapped.status_code == 200, mapped.text
+        assert mapped.json() == {"status": "OK"}
+        assert f"enrich_uid={ours};" in mapped.headers["set-cookie"]
+        assert _enrich(client, "IDX-123") == ["synced", "ctx_news"]
+        assert _enrich(client, eid="IDX-123") == ["synced", "ctx_news"]
+        # No cookie yet: a new id of ours is made, set, and mapped.
+        fresh = client.get("/uid", params={"userid": "IDX-9", "pl": 5, "plsec": "idxsec"})
+        assert fresh.status_code == 200
+        new_id = fresh.headers["set-cookie"].split(";")[0].split("=")[1]
+        assert new_id != ours
+        client.post("/v1/segment", params={"id": sid, "userid": new_id})
+        assert _enrich(client, "IDX-9") == ["synced", "ctx_news"]
+
+
+def test_uid_refuses_bad_secrets(server: RunningServer) -> None:
+    with httpx.Client(base_url=server.url) as client:
+        refused: list[dict[str, str | int]] = [
+            {"userid": "a", "pl": 5, "plsec": "wrong"},
+            {"userid": "a", "pl": 5},
+            {"userid": "a", "pl": 99998, "plsec": "idxsec"},
+            {"userid": "a", "pl": "x", "plsec": "idxsec"},
+            {"userid": "a", "pl": 7, "plsec": ""},  # signer must sign
+            {"userid": "a", "pl": 5, "plsec": "verysecure"},  # another platform's token
+        ]
+        for params in refused:
+            answer = client.get("/uid", params=params)
+            assert answer.status_code == 403, params
+            assert answer.json()["status"] == "error"
+        assert (
+            client.get("/uid", params={"userid": "", "pl": 5, "plsec": "idxsec"}).status_code == 400
+        )
+
+
+Params = list[tuple[str, str | int | float | bool | None]]
+
+
+def _signed(params: list[tuple[str, str]], secret: str = "shared-secret") -> Params:
+    return [*params, ("sig", sign(secret, params))]
+
+
+def test_signed_sync_and_uid(server: RunningServer) -> None:
+    now = str(int(time.time()))
+    out = "https://sync.signer.example/match?id=[[USERID]]"
+    with httpx.Client(base_url=server.url) as client:
+        good = client.get("/sync", params=_signed([("out", out), ("pl", "7"), ("ts", now)]))
+        assert good.status_code == 302
+        assert good.headers["location"].startswith("https://sync.signer.example/match?id=")
+        # The signed platform's host is not open to unsigned syncs.
+        assert client.get(f"/sync?out={out}").status_code == 400
+        tampered = _signed([("out", out), ("pl", "7"), ("ts", now)])
+        tampered[0] = ("out", "https://sync.signer.example/other?id=[[USERID]]")
+        assert client.get("/sync", params=tampered).status_code == 403
+        wrong_key = _signed([("out", out), ("pl", "7"), ("ts", now)], secret="guess")
+        assert client.get("/sync", params=wrong_key).status_code == 403
+        stale = _signed([("out", out), ("pl", "7"), ("ts", str(int(time.time()) - 3600))])
+        assert client.get("/sync", params=stale).status_code == 403
+        # A signed target must still be one of the platform's hosts.
+        elsewhere = _signed([("out", "https://go.flx1.com/x"), ("pl", "7"), ("ts", now)])
+        assert client.get("/sync", params=elsewhere).status_code == 400
+        uid = _signed([("userid", "S-1"), ("pl", "7"), ("ts", now)])
+        assert client.get("/uid", params=uid).status_code == 200
+        assert client.get("/uid", params=uid).status_code == 403  # replayed
+        forged = _signed([("userid", "S-2"), ("pl", "7"), ("ts", now)])
+        forged[0] = ("userid", "S-3")
+        assert client.get("/uid", params=forged).status_code == 403
+        unsigned_platform = _signed([("userid", "S-4"), ("pl", "99999"), ("ts", now)])
+        assert client.get("/uid", params=unsigned_platform).status_code == 403
+
+
+@pytest.mark.parametrize(
+    "out",
+    [
+        "https://evil.example/?u=[[USERID]]",
+        "//evil.example/",
+        "javascript:alert(1)",
+        "https://go.flx1.com@evil.example/",
+        "https%3A%2F%2Fevil.example%2F",
+        "https://go.flx1.com%2eevil.example/",
+        "https:/\\evil.example",
+    ],
+)
+def test_sync_refuses_open_redirects_over_http(server: RunningServer, out: str) -> None:
+    answer = httpx.get(f"{server.url}/sync?out={out}")
+    assert answer.status_code == 400
+    assert "location" not in answer.headers
+
+
+def test_openapi_describes_the_api(server: RunningServer) -> None:
+    document = httpx.get(f"{server.url}/openapi.json").json()
+    assert document["openapi"].startswith("3.1")
+    assert {"/sync", "/uid", "/v1/segment", "/v1/segment/{segment_id}"} <= set(document["paths"])
+    mutation = document["components"]["schemas"]["Mutation"]
+    assert mutation["required"] == ["segment", "userid"]
+    assert document["components"]["schemas"]["Batch"]["maxItems"] == 50
+
+
+def test_acknowledged_batch_survives_kill_9(store: Path, config: Path) -> None:
+    users = [f"crash{i}" for i in range(500)]
+    with run_server(store, "--config", str(config)) as server:
+        with httpx.Client(base_url=server.url, auth=MAPP) as client:
+            sid = client.post("/v1/segment", params={"title": "Crash"}).json()["segment_id"]
+            for start in range(0, len(users), 50):
+                batch = [{"segment": sid, "userid": u} for u in users[start : start + 50]]
+                assert client.post("/v1/segment", content=json.dumps(batch)).status_code == 200
+        server.process.kill()  # SIGKILL right after the last acknowledgement
+        server.process.wait()
+    opened = SegmentStore(store)
+    try:
+        found = [opened.memberships(f"uid:{u}".encode()) for u in users]
+    finally:
+        opened.close()
+    assert all(m == {str(sid): 0} for m in found)
+    with (
+        run_server(store, "--config", str(config)) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
+        assert _enrich(client, "crash499") == [str(sid), "ctx_news"]
+
+
+def test_concurrent_batches_across_two_workers(store: Path, config: Path) -> None:
+    with run_server(store, "--config", str(config), "--workers", "2") as server:
+        with httpx.Client(base_url=server.url, auth=MAPP) as client:
+            sid = client.post("/v1/segment", params={"title": "Many"}).json()["segment_id"]
+
+        def push(n: int) -> int:
+            batch = [{"segment": sid, "userid": f"w{n}-{i}"} for i in range(50)]
+            with httpx.Client(base_url=server.url, auth=MAPP) as own:
+                answer = own.post("/v1/segment", content=json.dumps(batch))
+            assert answer.status_code == 200
+            applied: int = answer.json()["applied"]
+            return applied
+
+        with ThreadPoolExecutor(8) as pool:
+            assert sum(pool.map(push, range(40))) == 2000
+        with httpx.Client(base_url=server.url) as client:
+            assert _enrich(client, "w39-49") == [str(sid), "ctx_news"]
+    opened = SegmentStore(store)
+    try:
+        assert opened.stats().segment_members[str(sid)] == 2000
+    finally:
+        opened.close()
+
+
+def test_no_platforms_keeps_the_store_read_only(store: Path) -> None:
+    data = (store / "data.mdb").read_bytes()
+    with run_server(store) as server:
+        assert httpx.get(f"{server.url}/v1/segment", auth=MAPP).status_code == 401
+        assert httpx.get(f"{server.url}/sync?out=https://go.flx1.com/").status_code == 400
+    assert (store / "data.mdb").read_bytes() == data
