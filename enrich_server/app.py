@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 METRICS_FLUSH_SECONDS = 1.0
 #: Where ``serve`` hands the resolved configuration to worker processes.
 CONFIG_HANDOFF_VARIABLE = "_ENRICH_SERVE_CONFIG"
+#: ... and the Unix socket of the ingestion process, when DMP platforms are configured.
+INGEST_SOCKET_VARIABLE = "_ENRICH_INGEST_SOCKET"
 
 
 class EnrichServer:
@@ -57,8 +59,11 @@ class EnrichServer:
             await self._rest(scope, receive, send)
 
 
-def create_app(config: Config) -> EnrichServer:
-    """Build the application for ``config``; the store opens when the lifespan starts."""
+def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer:
+    """Build the application for ``config``; the store opens when the lifespan starts.
+
+    ``ingest_socket``: where the ingestion process listens (DMP writes answer 503 without).
+    """
     guard = LoadGuard(config.enrich.guard_lag_ms / 1000)
     tally = Tally()
     metrics = Metrics(tally)
@@ -75,7 +80,7 @@ def create_app(config: Config) -> EnrichServer:
     )
     endpoint = EnrichEndpoint(config.enrich, privacy, guard, tally, auth)
     store_path = Path(config.server.store)
-    dmp = DmpApi(config, lambda: endpoint.store, metrics)
+    dmp = DmpApi(config, lambda: endpoint.store, metrics, ingest_socket)
 
     async def flush_metrics() -> None:
         while True:
@@ -87,12 +92,8 @@ def create_app(config: Config) -> EnrichServer:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        # Writable only with DMP platforms: otherwise nothing here writes, and the store
-        # (the bundled example, say) stays byte for byte as it was.
-        store = SegmentStore(store_path, writable=dmp.enabled)
+        store = SegmentStore(store_path)
         endpoint.store = store
-        if dmp.enabled:
-            dmp.start()
         guard.start(asyncio.get_running_loop())
         # Everything built so far lives as long as the worker: move it out of the cyclic
         # GC's sight, so the collections that per-request garbage triggers scan only that
@@ -114,7 +115,7 @@ def create_app(config: Config) -> EnrichServer:
             yield
         finally:
             flusher.cancel()
-            dmp.stop()
+            dmp.close()
             metrics.close()
             gc.unfreeze()
             guard.stop()
@@ -189,4 +190,4 @@ def create_app_from_handoff() -> EnrichServer:
     """Factory for uvicorn worker processes: rebuild the app from the handed-off config."""
     config = config_module.from_json(os.environ[CONFIG_HANDOFF_VARIABLE])
     setup_logging(config.server.log_level)
-    return create_app(config)
+    return create_app(config, os.environ.get(INGEST_SOCKET_VARIABLE))

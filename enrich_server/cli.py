@@ -12,22 +12,30 @@ import dataclasses
 import datetime
 import functools
 import logging
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import msgspec
 import uvicorn
 import uvloop
 
-from enrich_server import __version__, tcf
-from enrich_server.app import CONFIG_HANDOFF_VARIABLE
+from enrich_server import __version__, ingestd, tcf
+from enrich_server.app import CONFIG_HANDOFF_VARIABLE, INGEST_SOCKET_VARIABLE
 from enrich_server.check import format_report, parse_target, read_bodies, run_check
-from enrich_server.config import EXAMPLE_STORE, SAMPLES_DIR, load_config, options, to_json
+from enrich_server.config import (
+    EXAMPLE_STORE,
+    SAMPLES_DIR,
+    Config,
+    load_config,
+    options,
+    to_json,
+)
 from enrich_server.dropfiles import (
     DEFAULT_SETTLE_SECONDS,
     DropFileError,
@@ -35,7 +43,7 @@ from enrich_server.dropfiles import (
     apply_file,
     process_directory,
 )
-from enrich_server.errors import ConfigError, EnrichError, SnapshotError
+from enrich_server.errors import ConfigError, EnrichError, SnapshotError, StoreError
 from enrich_server.keys import NAMESPACES, parse_key
 from enrich_server.log import redacted, setup_logging
 from enrich_server.metrics import MULTIPROC_ENV
@@ -241,6 +249,45 @@ def _serve(args: argparse.Namespace) -> int:
         extra={"version": __version__, "config": redacted(dataclasses.asdict(config))},
     )
     os.environ[CONFIG_HANDOFF_VARIABLE] = to_json(config).decode()
+    with _ingestion_process(config) as socket_path:
+        if socket_path is not None:
+            os.environ[INGEST_SOCKET_VARIABLE] = socket_path
+        _run_uvicorn(config)
+    if metrics_dir is not None:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+@contextlib.contextmanager
+def _ingestion_process(config: Config) -> Iterator[str | None]:
+    """Run the ingestion process (``ingestd``) while the block runs, when platforms are
+    configured; yields its socket path. Fails clearly when it cannot start."""
+    if not config.platforms:
+        yield None
+        return
+    folder = Path(tempfile.mkdtemp(prefix="enrich-server-ingest-"))
+    socket_path = str(folder / "ingest.sock")
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    process = context.Process(
+        target=ingestd.run,
+        args=(to_json(config), socket_path, os.getpid(), ready),
+        name="enrich-ingest",
+        daemon=True,
+    )
+    process.start()
+    try:
+        while not ready.wait(0.1):
+            if not process.is_alive():
+                raise StoreError("the ingestion process could not start (see its log line)")
+        yield socket_path
+    finally:
+        process.terminate()
+        process.join(10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run_uvicorn(config: Config) -> None:
     uvicorn.run(
         "enrich_server.app:create_app_from_handoff",
         factory=True,
@@ -255,9 +302,6 @@ def _serve(args: argparse.Namespace) -> int:
         server_header=False,
         proxy_headers=False,
     )
-    if metrics_dir is not None:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
 
 
 def _multiprocess_metrics_dir() -> Path | None:

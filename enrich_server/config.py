@@ -83,6 +83,10 @@ def _log_level(value: str) -> str | None:
     return None if value in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}"
 
 
+def _nice(value: int) -> str | None:
+    return None if 0 <= value <= 19 else "must be between 0 and 19"
+
+
 def _platform_name(value: str) -> str | None:
     ok = value and value.isascii() and all(c.isalnum() or c == "_" for c in value)
     return None if ok else "must be letters, digits or _ (it names metrics and variables)"
@@ -186,6 +190,9 @@ class DmpConfig:
     )
     max_batch: int = _opt(10000, "most items in one micro-batch", _positive)
     max_body: int = _opt(4194304, "largest ingestion request body (bytes)", _positive)
+    writer_nice: int = _opt(
+        10, "niceness of the ingestion process: serving workers preempt it (0-19)", _nice
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,7 +89,8 @@ def user_key(userid: str, idtype: str) -> bytes:
     """The store key of a pushed user; raises ``ValueError`` saying what is wrong."""
     if idtype not in (UID, IFA) and not idtype.startswith(EID + ":"):
         raise ValueError(f"idtype {idtype!r} is not uid, ifa or eid:<source>")
-    if not userid or not userid.isprintable() or any(c.isspace() for c in userid):
+    # isprintable() refuses every whitespace but the ASCII space, checked on its own.
+    if not userid or not userid.isprintable() or " " in userid:
         raise ValueError(f"userid {userid!r} is empty or has spaces or control characters")
     return parse_key(f"{idtype}:{userid}")
 

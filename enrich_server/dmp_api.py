@@ -11,7 +11,7 @@
 | ``GET /openapi.json`` | the OpenAPI description of all of the above |
 
 Ingestion calls authenticate a platform (HTTP Basic or bearer, ``PlatformCredentials``);
-writes go through the process's ``WriteQueue`` and are answered after their commit.
+writes are handed to the ingestion process (``ingestd``) and answered after its commit.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ from starlette.routing import Route
 
 from enrich_server.auth import PlatformCredentials
 from enrich_server.config import Config, PlatformConfig
-from enrich_server.dmp import Applied, BatchError, Mutation, apply_batch, decode_batch
+from enrich_server.dmp import BatchError
 from enrich_server.errors import SegmentConflictError, StoreError
+from enrich_server.ingestd import IngestClient
 from enrich_server.metrics import Metrics
 from enrich_server.openapi import openapi_document
 from enrich_server.snapshot import segment_name_problem
-from enrich_server.store import DmpSegment, SegmentStore, StoreWriter
+from enrich_server.store import DmpSegment, SegmentStore
 from enrich_server.sync import (
     SignatureChecker,
     our_user_id,
@@ -43,7 +44,6 @@ from enrich_server.sync import (
     user_cookie,
     with_user_id,
 )
-from enrich_server.writes import WriteQueue
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ def _ok(**fields: Any) -> JSONResponse:
 
 
 def _refused_batch(exc: BatchError) -> JSONResponse:
-    return _error(400, "batch refused, nothing applied", problems=exc.problems, more=exc.more)
+    more = {"more": exc.more} if exc.more else {}
+    return _error(400, "batch refused, nothing applied", problems=exc.problems, **more)
 
 
 def _segment_json(segment: DmpSegment) -> dict[str, Any]:
@@ -85,11 +86,16 @@ class DmpApi:
     """The DMP endpoints of one serving process.
 
     ``store`` returns the process's open store (``None`` before start-up or after
-    shut-down); ``start``/``stop`` run the writer thread with the lifespan.
+    shut-down); ``ingest_socket`` is where the ingestion process listens (``None``: it is
+    not running, and writes answer 503).
     """
 
     def __init__(
-        self, config: Config, store: Callable[[], SegmentStore | None], metrics: Metrics
+        self,
+        config: Config,
+        store: Callable[[], SegmentStore | None],
+        metrics: Metrics,
+        ingest_socket: str | None,
     ) -> None:
         self._config = config
         self._store = store
@@ -100,23 +106,13 @@ class DmpApi:
         self._unsigned_hosts = frozenset(
             host for p in config.platforms if not p.hmac_secret for host in p.sync_hosts
         )
-        self._writes: WriteQueue | None = None
+        self._ingest = IngestClient(ingest_socket, config.dmp.max_body) if ingest_socket else None
         self._openapi = openapi_document(config)
 
-    @property
-    def enabled(self) -> bool:
-        """Whether any platform is configured (else the store stays read-only)."""
-        return bool(self._config.platforms)
-
-    def start(self) -> None:
-        """Start the writer thread (the store must be open, writable)."""
-        self._writes = WriteQueue(self._store)
-
-    def stop(self) -> None:
-        """Finish queued writes and stop the writer thread."""
-        if self._writes is not None:
-            self._writes.close()
-            self._writes = None
+    def close(self) -> None:
+        """Close the connections to the ingestion process."""
+        if self._ingest is not None:
+            self._ingest.close()
 
     def routes(self) -> list[Route]:
         """The Starlette routes of the API."""
@@ -201,10 +197,7 @@ class DmpApi:
             return _error(400, problem)
         ours, _ = our_user_id(request.cookies.get(self._config.dmp.cookie))
 
-        def map_alias(writer: StoreWriter) -> None:
-            writer.map_alias(their.encode(), ours.encode())
-
-        await self._write(map_alias)
+        await self._write("alias", their.encode(), ours.encode())
         store = self._store()
         if store is not None:
             store.has_aliases = True
@@ -263,12 +256,7 @@ class DmpApi:
             return await self._create(platform, query.get("title", ""), query.get("key"))
         if "id" in query or "userid" in query:
             return await self._single(platform, request, "add")
-        body = await self._body(request)
-        try:
-            items = decode_batch(body, self._config.dmp.max_batch)
-        except BatchError as exc:
-            return _refused_batch(exc)
-        return await self._apply(platform, items)
+        return await self._apply(platform, "batch", await self._body(request))
 
     async def one_segment(self, request: Request) -> Response:
         """``/v1/segment/{id}``: get (GET) or delete with all its members (DELETE)."""
@@ -279,7 +267,7 @@ class DmpApi:
             return _error(404, f"no segment {sid} of this platform")
         if request.method == "GET":
             return _ok(segment=_segment_json(segment))
-        removed: int = await self._write(lambda writer: writer.delete_dmp_segment(sid))
+        removed: int = await self._write("delete", sid)
         log.info(
             "segment deleted",
             extra={"platform": platform.name, "segment_id": sid, "memberships_removed": removed},
@@ -293,9 +281,7 @@ class DmpApi:
         if problem:
             return _error(400, f"key: {problem}")
         try:
-            sid, created = await self._write(
-                lambda writer: writer.create_dmp_segment(platform.id, title, key)
-            )
+            sid, created = await self._write("create", platform.id, title, key)
         except SegmentConflictError as exc:
             return _error(409, str(exc))
         if created:
@@ -310,40 +296,39 @@ class DmpApi:
         sid, ttl = query.get("id", ""), query.get("ttl")
         if not sid.isdigit() or (ttl is not None and not ttl.isdigit()):
             return _error(400, "id (and ttl, when given) must be whole numbers")
-        item = Mutation(
-            segment=int(sid),
-            userid=query.get("userid", ""),
-            op="remove" if op == "remove" else "add",
-            ttl=int(ttl) if ttl is not None else None,
-            idtype=query.get("idtype", "uid"),
-        )
-        return await self._apply(platform, [item])
+        item = {
+            "segment": int(sid),
+            "userid": query.get("userid", ""),
+            "op": op,
+            "idtype": query.get("idtype", "uid"),
+        }
+        if ttl is not None:
+            item["ttl"] = int(ttl)
+        return await self._apply(platform, "single", item)
 
-    async def _apply(self, platform: PlatformConfig, items: list[Mutation]) -> Response:
+    async def _apply(self, platform: PlatformConfig, op: str, payload: Any) -> Response:
         started = time.perf_counter()
         try:
-            applied: Applied = await self._write(
-                lambda writer: apply_batch(writer, platform.id, platform.ttl, items)
-            )
+            count, ops = await self._write(op, platform.id, payload)
         except BatchError as exc:
             return _refused_batch(exc)
-        for op, count in applied.ops.items():
-            self._metrics.ingested(platform.name, op, count)
+        for name, applied in ops.items():
+            self._metrics.ingested(platform.name, name, applied)
         log.info(
             "ingested",
             extra={
                 "platform": platform.name,
-                "mutations": applied.count,
+                "mutations": count,
                 "ms": round((time.perf_counter() - started) * 1000, 2),
             },
         )
-        return _ok(applied=applied.count)
+        return _ok(applied=count)
 
-    async def _write(self, job: Callable[[StoreWriter], Any]) -> Any:
-        if self._writes is None:
-            raise _RefusedError(_error(503, "the store is not open for writing"))
+    async def _write(self, op: str, *args: Any) -> Any:
+        if self._ingest is None:
+            raise _RefusedError(_error(503, "the ingestion process is not running"))
         try:
-            return await self._writes.run(job)
+            return await self._ingest.call(op, *args)
         except SegmentConflictError:
             raise
         except StoreError as exc:  # the disk or the map, not the client: nothing was applied

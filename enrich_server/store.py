@@ -214,6 +214,14 @@ class SegmentStore:
 
     def refresh(self) -> None:
         """Re-read what the hot path caches about the store (called about once a second)."""
+        if self._aliases is None:
+            # Created by the ingestion process after this worker opened the store.
+            try:
+                self._aliases = self._optional_db(_ALIASES)
+                self._dmp_segments = self._optional_db(_DMP_SEGMENTS)
+                self._applied_files = self._optional_db(_APPLIED_FILES)
+            except lmdb.Error:
+                return
         if self._aliases is not None and not self.has_aliases:
             with self._env.begin() as txn:
                 self.has_aliases = txn.stat(self._aliases)["entries"] > 0

@@ -5,7 +5,9 @@ disk. Running writes on the event loop would stall ``/enrich`` behind every fsyn
 run on this thread, and the loop only awaits their result. Jobs queued while a commit is
 in flight are applied together in the next transaction: under load, many batches share
 one fsync. A job's future resolves only after its commit, so an acknowledged write is on
-disk. A job that raises is retried alone, so it never takes the others of its group down.
+disk. A job refused with one of the ``clean_errors`` (raised before it wrote anything) fails
+alone; any other exception aborts its group, whose jobs are then retried one by one, so a
+failing job never takes the others down.
 """
 
 from __future__ import annotations
@@ -52,8 +54,13 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 class WriteQueue:
     """Runs store writes on a dedicated thread; ``await queue.run(job)`` from the loop."""
 
-    def __init__(self, store: Callable[[], SegmentStore | None]) -> None:
+    def __init__(
+        self,
+        store: Callable[[], SegmentStore | None],
+        clean_errors: tuple[type[Exception], ...] = (),
+    ) -> None:
         self._store = store
+        self._clean_errors = clean_errors
         self._jobs: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name="store-writer", daemon=True)
         self._thread.start()
@@ -93,19 +100,24 @@ class WriteQueue:
     def _apply(self, group: list[_Pending]) -> None:
         store = self._store()
         if store is None:
-            error = RuntimeError("the store is closed")
+            closed = RuntimeError("the store is closed")
             for pending in group:
-                pending.settle(error=error)
+                pending.settle(error=closed)
             return
         if len(group) > 1:
+            outcomes: list[tuple[Any, BaseException | None]] = []
             try:
                 with store.writer() as writer:
-                    results = [pending.job(writer) for pending in group]
-            except Exception:  # one job's failure: run each alone, below, to isolate it
+                    for pending in group:
+                        try:
+                            outcomes.append((pending.job(writer), None))
+                        except self._clean_errors as refused:
+                            outcomes.append((None, refused))
+            except Exception:  # a job failed midway: run each alone, below, to isolate it
                 pass
             else:
-                for pending, result in zip(group, results, strict=True):
-                    pending.settle(result)
+                for pending, (result, error) in zip(group, outcomes, strict=True):
+                    pending.settle(result, error)
                 return
         for pending in group:
             try:

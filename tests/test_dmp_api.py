@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -349,8 +350,18 @@ def test_acknowledged_batch_survives_kill_9(store: Path, config: Path) -> None:
             for start in range(0, len(users), 50):
                 batch = [{"segment": sid, "userid": u} for u in users[start : start + 50]]
                 assert client.post("/v1/segment", content=json.dumps(batch)).status_code == 200
+        ingestd = [
+            json.loads(line)["pid"]
+            for line in server.log().splitlines()
+            if '"ingestion process ready"' in line
+        ]
         server.process.kill()  # SIGKILL right after the last acknowledgement
         server.process.wait()
+        assert len(ingestd) == 1
+        deadline = time.monotonic() + 5
+        while _alive(ingestd[0]):  # the ingestion process follows its parent
+            assert time.monotonic() < deadline, "ingestion process outlived serve"
+            time.sleep(0.05)
     opened = SegmentStore(store)
     try:
         found = [opened.memberships(f"uid:{u}".encode()) for u in users]
@@ -362,6 +373,15 @@ def test_acknowledged_batch_survives_kill_9(store: Path, config: Path) -> None:
         httpx.Client(base_url=server.url) as client,
     ):
         assert _enrich(client, "crash499") == [str(sid), "ctx_news"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        # A zombie waits for its reaper; it holds nothing.
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False
 
 
 def test_concurrent_batches_across_two_workers(store: Path, config: Path) -> None:

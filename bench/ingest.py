@@ -1,0 +1,313 @@
+"""Ingestion benchmark: DMP micro-batches pushed while Index's traffic is served.
+
+One ``enrich-server serve --workers 2`` with a DMP platform configured, on a copy of the
+synthetic store. Each round, every loop bounded in time:
+
+1. ``/enrich`` saturated rate with ``wrk`` (no ingestion): the reference rate S;
+2. ingestion alone: ``--clients`` connections POSTing 1,000-item micro-batches back to
+   back (closed loop); acknowledged mutations per second;
+3. ``/enrich`` open loop (``bench/openloop.c``) at 50 % of S, without ingestion: p99;
+4. the same open loop with the ingestion clients pushing at full speed beside it: p99 of
+   ``/enrich``, and mutations per second.
+
+Reports the medians over rounds, steps 3 and 4 side by side. Writes
+``bench/results/ingest-<profile>.{json,md}``.
+
+    python -m bench.ingest [--profile full|quick|smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from base64 import b64encode
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import openloop, wrk
+from bench.bodies import write_bodies
+from bench.synth import cached_store
+from tests.utils import ROOT, free_port, stop, wait_until_ready
+
+RESULTS = ROOT / "bench" / "results"
+CACHE = ROOT / "bench" / ".cache"
+BATCH_ITEMS = 1000
+#: The openloop field counting calls over 5 ms or lost (what Index's breaker counts).
+OVER = "over_5ms_or_lost_share"
+SEGMENTS = 50
+CREDENTIALS = "bench:bench-secret"
+CONFIG = f"""
+[[platform]]
+id = 1
+name = "bench"
+basic = "{CREDENTIALS}"
+sync_hosts = ["sync.bench.example"]
+ttl = 2592000
+"""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """``full`` for the numbers, ``quick`` for a check, ``smoke`` for CI."""
+
+    identities: int
+    rounds: int
+    seconds: float
+    clients: int
+
+
+PROFILES = {
+    "full": Profile(1_000_000, 3, 10.0, 4),
+    "quick": Profile(100_000, 2, 4.0, 4),
+    "smoke": Profile(2_000, 1, 1.0, 2),
+}
+
+
+@contextlib.contextmanager
+def serving(store: Path, config: Path, workers: int, log: Path, cpus: str | None) -> Iterator[int]:
+    """``enrich-server serve`` on a free port until the block ends; yields the port.
+    With ``cpus`` (a taskset list) the server runs on those CPUs only."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "enrich_server", "serve", "--store", str(store),
+        "--config", str(config), "--port", str(port), "--workers", str(workers),
+        "--log-level", "warning",
+    ]  # fmt: skip
+    with log.open("ab") as out:
+        if cpus is not None:
+            command = ["taskset", "-c", cpus, *command]
+        process = subprocess.Popen(command, stdout=out, stderr=out, cwd=ROOT)
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}", process, log, 60.0)
+        yield port
+    finally:
+        stop(process)
+
+
+def _auth() -> dict[str, str]:
+    return {"Authorization": "Basic " + b64encode(CREDENTIALS.encode()).decode()}
+
+
+def create_segments(port: int) -> list[int]:
+    """Create the benchmark's DMP segments (idempotent) and return their ids."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    ids = []
+    for n in range(SEGMENTS):
+        connection.request("POST", f"/v1/segment?title=bench{n}", headers=_auth())
+        response = connection.getresponse()
+        body = json.loads(response.read())
+        if response.status != 200:
+            raise RuntimeError(f"segment creation failed: {response.status} {body}")
+        ids.append(body["segment_id"])
+    connection.close()
+    return ids
+
+
+def batch_bodies(segments: list[int], count: int, seed: int = 3) -> list[bytes]:
+    """``count`` micro-batch bodies of ``BATCH_ITEMS`` items: users drawn from 2 M ids, a
+    tenth of the items removals, a fifth with their own TTL."""
+    rng = random.Random(seed)
+    bodies = []
+    for _ in range(count):
+        items: list[dict[str, Any]] = []
+        for _ in range(BATCH_ITEMS):
+            item: dict[str, Any] = {
+                "segment": rng.choice(segments),
+                "userid": f"dmp-user-{rng.randrange(2_000_000):07d}",
+            }
+            if rng.random() < 0.1:
+                item["op"] = "remove"
+            elif rng.random() < 0.2:
+                item["ttl"] = 86400
+            items.append(item)
+        bodies.append(json.dumps(items, separators=(",", ":")).encode())
+    return bodies
+
+
+class Pusher:
+    """``clients`` threads POSTing batches back to back until ``stop``; counts what the
+    server acknowledged (2xx with ``applied``)."""
+
+    def __init__(self, port: int, bodies: list[bytes], clients: int) -> None:
+        self._port = port
+        self._bodies = bodies
+        self._done = threading.Event()
+        self.applied = 0
+        self.failures = 0
+        self.batches = 0
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._push, args=(n,), daemon=True) for n in range(clients)
+        ]
+
+    def run_for(self, seconds: float) -> float:
+        """Push for ``seconds``; returns the acknowledged mutations per second."""
+        started = time.perf_counter()
+        for thread in self._threads:
+            thread.start()
+        time.sleep(seconds)
+        self._done.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        return self.applied / (time.perf_counter() - started)
+
+    def _push(self, offset: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", self._port, timeout=30)
+        headers = {**_auth(), "Content-Type": "application/json"}
+        n = offset
+        while not self._done.is_set():
+            body = self._bodies[n % len(self._bodies)]
+            n += 1
+            connection.request("POST", "/v1/segment", body=body, headers=headers)
+            response = connection.getresponse()
+            answer = response.read()
+            with self._lock:
+                self.batches += 1
+                if response.status == 200:
+                    self.applied += json.loads(answer)["applied"]
+                else:
+                    self.failures += 1
+        connection.close()
+
+
+def one_round(
+    port: int, bodies: list[bytes], enrich_bodies: Path, profile: Profile
+) -> dict[str, Any]:
+    """Steps 1-4 against a running server."""
+    url = f"http://127.0.0.1:{port}/enrich"
+    wrk.run_wrk(url, enrich_bodies, duration=1.0, connections=64)  # warm-up
+    saturated = wrk.run_wrk(url, enrich_bodies, duration=profile.seconds, connections=64)["rps"]
+    alone = Pusher(port, bodies, profile.clients)
+    alone_rate = alone.run_for(profile.seconds)
+    rate = 0.5 * saturated
+    quiet = openloop.run("127.0.0.1", port, "/enrich", rate, profile.seconds, enrich_bodies,
+                         connections=64, warmup=1.0)  # fmt: skip
+    beside = Pusher(port, bodies, profile.clients)
+    results: dict[str, Any] = {}
+
+    def load() -> None:
+        results["busy"] = openloop.run("127.0.0.1", port, "/enrich", rate, profile.seconds,
+                                       enrich_bodies, connections=64, warmup=1.0)  # fmt: skip
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    busy_rate = beside.run_for(profile.seconds + 1.0)  # covers the generator's warm-up too
+    loader.join()
+    busy = results["busy"]
+    return {
+        "enrich_saturated_rps": saturated,
+        "enrich_rate": rate,
+        "ingest_alone_mps": alone_rate,
+        "ingest_beside_mps": busy_rate,
+        "ingest_failures": alone.failures + beside.failures,
+        "p99_ms_without_ingest": quiet["latency_us"]["p99"] / 1000,
+        "p99_ms_with_ingest": busy["latency_us"]["p99"] / 1000,
+        "p999_ms_without_ingest": quiet["latency_us"]["p99.9"] / 1000,
+        "p999_ms_with_ingest": busy["latency_us"]["p99.9"] / 1000,
+        "over_5ms_without_ingest": quiet[OVER],
+        "over_5ms_with_ingest": busy[OVER],
+        "enrich_errors_with_ingest": busy.get("errors", 0),
+    }
+
+
+def _runs(report: dict[str, Any], key: str) -> str:
+    return ", ".join(f"{r[key]:,.2f}" for r in report["rounds"])
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The medians as a Markdown table."""
+    m = report["median"]
+    return "\n".join(
+        [
+            f"### Ingestion benchmark ({report['profile']}, {report['identities']:,} identities, "
+            f"{report['workers']} workers, {report['clients']} pushing clients, "
+            f"{report['date']})",
+            "",
+            "| measure | median | runs |",
+            "|---|---:|---|",
+            *(f"| {key} | {m[key]:,.2f} | {_runs(report, key)} |" for key in m),
+            "",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write its results."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--server-cpus",
+        default="0",
+        help="taskset CPU list for the server; the load generators and pushing clients get "
+        "the other CPUs (default 0; 'all' = no pinning)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    profile = PROFILES[args.profile]
+    server_cpus = None if args.server_cpus == "all" else args.server_cpus
+    if server_cpus is not None:
+        # This process (the pushing clients) and its children (wrk, openloop) stay off the
+        # server's CPUs.
+        server_set = {int(c) for c in server_cpus.split(",")}
+        os.sched_setaffinity(0, (os.sched_getaffinity(0) - server_set) or os.sched_getaffinity(0))
+    source = cached_store(profile.identities, CACHE)
+    enrich_bodies = CACHE / f"bodies-{profile.identities}.jsonl"
+    if not enrich_bodies.exists():
+        write_bodies(enrich_bodies, profile.identities)
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="enrich-bench-ingest-") as folder:
+        work = Path(folder)
+        config = work / "enrich.toml"
+        config.write_text(CONFIG)
+        log = work / "server.log"
+        for number in range(profile.rounds):
+            store = work / f"store-{number}"
+            shutil.copytree(source, store, symlinks=True)
+            with serving(store, config, args.workers, log, server_cpus) as port:
+                bodies = batch_bodies(create_segments(port), 64)
+                result = one_round(port, bodies, enrich_bodies, profile)
+            shutil.rmtree(store)
+            rounds.append(result)
+            print(
+                f"  round {number + 1}: /enrich saturated {result['enrich_saturated_rps']:,.0f}"
+                f" req/s; ingest alone {result['ingest_alone_mps']:,.0f} mut/s, beside"
+                f" {result['ingest_beside_mps']:,.0f} mut/s; /enrich p99 at 50 %:"
+                f" {result['p99_ms_without_ingest']:.2f} ms without,"
+                f" {result['p99_ms_with_ingest']:.2f} ms with ingestion",
+                flush=True,
+            )
+    report = {
+        "profile": args.profile,
+        "identities": profile.identities,
+        "workers": args.workers,
+        "clients": profile.clients,
+        "server_cpus": args.server_cpus,
+        "batch_items": BATCH_ITEMS,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rounds": rounds,
+        "median": {key: statistics.median(r[key] for r in rounds) for key in rounds[0]},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"ingest-{args.profile}.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (args.out / f"ingest-{args.profile}.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""The ingestion process: the one writer of DMP mutations, beside the serving workers.
+
+``serve`` starts it when ``[[platform]]`` tables are configured. The workers answer the
+DMP API over HTTP but hand every write to this process over a Unix socket, so the hot path
+shares neither a GIL nor CPU priority with ingestion: this process runs niced
+(``[dmp] writer_nice``), its decoding, validation and LMDB work preempted by any worker
+that has a request to answer. One process also means one LMDB writer: no lock ping-pong
+between workers, and the group commit of ``writes.WriteQueue`` gathers every worker's
+batches into shared fsyncs. A reply is sent only after the commit.
+
+Protocol: frames of a 4-byte big-endian length and a msgpack body. A request is
+``[op, args...]``; the reply ``["ok", result]`` or ``["error", kind, message, problems]``.
+The process exits when ``serve`` does, even killed (it watches its parent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import struct
+import sys
+from collections.abc import Callable
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import uvloop
+
+from enrich_server import config as config_module
+from enrich_server.config import Config
+from enrich_server.dmp import Applied, BatchError, Mutation, apply_batch, decode_batch
+from enrich_server.errors import SegmentConflictError, StoreError
+from enrich_server.log import setup_logging
+from enrich_server.store import SegmentStore, StoreWriter
+from enrich_server.writes import WriteQueue
+
+log = logging.getLogger(__name__)
+
+_LENGTH: Final = struct.Struct(">I")
+_ENCODER: Final = msgspec.msgpack.Encoder()
+_DECODER: Final = msgspec.msgpack.Decoder()
+#: How often the process checks that ``serve`` is still its parent.
+PARENT_CHECK_SECONDS: Final = 0.5
+#: Frames above this are refused: the largest ingestion body plus room for the envelope.
+_FRAME_SLACK: Final = 4096
+
+Job = Callable[[StoreWriter], Any]
+
+
+async def read_frame(reader: asyncio.StreamReader, limit: int) -> Any:
+    """One decoded frame; raises ``asyncio.IncompleteReadError`` at end of stream."""
+    size = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))[0]
+    if size > limit:
+        raise ValueError(f"frame of {size} bytes is over the {limit} limit")
+    return _DECODER.decode(await reader.readexactly(size))
+
+
+def frame(message: Any) -> bytes:
+    """``message`` encoded as one frame."""
+    body = _ENCODER.encode(message)
+    return _LENGTH.pack(len(body)) + body
+
+
+class IngestClient:
+    """A worker's side: ``await client.call(op, *args)``, over a small connection pool.
+
+    Raises ``BatchError`` / ``SegmentConflictError`` / ``StoreError`` as the writer did,
+    and ``StoreError`` when the ingestion process cannot be reached.
+    """
+
+    def __init__(self, socket_path: str, max_body: int) -> None:
+        self._path = socket_path
+        self._limit = max_body + _FRAME_SLACK
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def call(self, op: str, *args: Any) -> Any:
+        """Run ``op`` in the ingestion process; returns its result after the commit."""
+        try:
+            if self._idle:
+                reader, writer = self._idle.pop()
+            else:
+                reader, writer = await asyncio.open_unix_connection(self._path, limit=self._limit)
+            writer.write(frame([op, *args]))
+            reply = await read_frame(reader, self._limit)
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            raise StoreError(f"the ingestion process is not reachable: {exc}") from None
+        self._idle.append((reader, writer))
+        if reply[0] == "ok":
+            return reply[1]
+        _, kind, message, problems = reply
+        if kind == "batch":
+            raise BatchError(problems[0], problems[1])
+        if kind == "conflict":
+            raise SegmentConflictError(message)
+        raise StoreError(message)
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
+
+
+def _applied(result: Applied) -> list[Any]:
+    return [result.count, dict(result.ops)]
+
+
+class _Writer:
+    """The ops the workers may ask for, each a job for the write queue."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._ttl = {p.id: p.ttl for p in config.platforms}
+
+    def job(self, op: str, args: list[Any]) -> Job:
+        if op == "batch":
+            platform, body = args
+            max_items = self._config.dmp.max_batch
+            ttl = self._ttl[platform]
+            return lambda w: _applied(apply_batch(w, platform, ttl, decode_batch(body, max_items)))
+        if op == "single":
+            platform, fields = args
+            item = msgspec.convert(fields, Mutation)
+            ttl = self._ttl[platform]
+            return lambda w: _applied(apply_batch(w, platform, ttl, [item]))
+        if op == "create":
+            platform, title, key = args
+            return lambda w: list(w.create_dmp_segment(platform, title, key))
+        if op == "delete":
+            (sid,) = args
+            return lambda w: w.delete_dmp_segment(sid)
+        if op == "alias":
+            their, ours = args
+            return lambda w: w.map_alias(their, ours)
+        raise ValueError(f"unknown op {op!r}")
+
+
+def _error_reply(exc: Exception) -> list[Any]:
+    if isinstance(exc, BatchError):
+        return ["error", "batch", str(exc), [exc.problems, exc.more]]
+    if isinstance(exc, SegmentConflictError):
+        return ["error", "conflict", str(exc), None]
+    if isinstance(exc, StoreError):
+        log.error("store write failed", extra={"error": str(exc)})
+        return ["error", "store", str(exc), None]
+    log.exception("ingestion request failed")
+    return ["error", "internal", f"{type(exc).__name__}: {exc}", None]
+
+
+async def _serve(config: Config, socket_path: str, parent: int, ready: Event) -> None:
+    store = SegmentStore(Path(config.server.store), writable=True)
+    queue = WriteQueue(lambda: store, clean_errors=(BatchError, SegmentConflictError))
+    writer_ops = _Writer(config)
+    limit = config.dmp.max_body + _FRAME_SLACK
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.closing(writer):
+            while True:
+                try:
+                    request = await read_frame(reader, limit)
+                except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+                    return
+                try:
+                    result = await queue.run(writer_ops.job(request[0], request[1:]))
+                    reply: list[Any] = ["ok", result]
+                except Exception as exc:  # every failure goes back to the worker that asked
+                    reply = _error_reply(exc)
+                writer.write(frame(reply))
+
+    server = await asyncio.start_unix_server(handle, socket_path, limit=limit)
+    os.chmod(socket_path, 0o600)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    ready.set()
+    log.info("ingestion process ready", extra={"pid": os.getpid(), "store": str(store.path)})
+    try:
+        while not stopping.is_set() and os.getppid() == parent:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), PARENT_CHECK_SECONDS)
+    finally:
+        server.close()
+        queue.close()  # finishes what was queued: those writes commit
+        store.close()
+        log.info("ingestion process stopped", extra={"pid": os.getpid()})
+
+
+def run(config_json: bytes, socket_path: str, parent: int, ready: Event) -> None:
+    """Entry point of the ingestion process (``multiprocessing``, spawn)."""
+    config = config_module.from_json(config_json)
+    setup_logging(config.server.log_level)
+    os.nice(config.dmp.writer_nice)
+    try:
+        uvloop.run(_serve(config, socket_path, parent, ready))
+    except StoreError as exc:
+        log.error("ingestion process cannot start", extra={"error": str(exc)})
+        sys.exit(1)
