@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Final, Literal
@@ -51,10 +52,12 @@ class BatchError(ValueError):
         super().__init__("; ".join(problems) + (f"; and {more} more" if more else ""))
 
 
-def decode_batch(body: bytes, max_items: int) -> list[Mutation]:
-    """Decode a micro-batch body; raises ``BatchError`` naming every malformed item."""
+def decode_batch(body: bytes, max_items: int) -> list[Mutation | str]:
+    """Decode a micro-batch body: each item, or the string saying why it is malformed (so
+    that a refusal can list every bad item). Raises ``BatchError`` when the body itself is
+    wrong: not JSON, not an array, empty, or too long."""
     try:
-        items = _BATCH_DECODER.decode(body)
+        items: list[Mutation | str] = list(_BATCH_DECODER.decode(body))
     except msgspec.DecodeError:
         items = _itemwise(body)
     if not items:
@@ -64,21 +67,21 @@ def decode_batch(body: bytes, max_items: int) -> list[Mutation]:
     return items
 
 
-def _itemwise(body: bytes) -> list[Mutation]:
-    """The slow path of a batch that did not decode: say what is wrong with each item."""
+def _itemwise(body: bytes) -> list[Mutation | str]:
+    """The slow path of a batch that did not decode: item by item."""
     try:
         raw = _ANY_DECODER.decode(body)
     except msgspec.DecodeError as exc:
         raise BatchError([f"body is not JSON: {exc}"]) from None
     if not isinstance(raw, list):
         raise BatchError(["body must be a JSON array of {segment, userid[, op, ttl, idtype]}"])
-    problems = []
-    for index, item in enumerate(raw):
+    items: list[Mutation | str] = []
+    for item in raw:
         try:
-            msgspec.convert(item, Mutation)
+            items.append(msgspec.convert(item, Mutation))
         except msgspec.ValidationError as exc:
-            problems.append(f"item {index}: {exc}")
-    raise _capped(problems)
+            items.append(str(exc))
+    return items
 
 
 def _capped(problems: list[str]) -> BatchError:
@@ -104,15 +107,23 @@ class Applied:
 
 
 def apply_batch(
-    writer: StoreWriter, platform: int, default_ttl: int, items: list[Mutation], now: int = 0
+    writer: StoreWriter,
+    platform: int,
+    default_ttl: int,
+    items: Sequence[Mutation | str],
+    now: int = 0,
 ) -> Applied:
     """Validate ``items`` against the store (each segment must be the platform's own), then
-    apply them all, in key order; raises ``BatchError`` (nothing written) on any bad item."""
+    apply them all, in key order; raises ``BatchError`` (nothing written) listing every bad
+    item, the malformed ones (``decode_batch``'s strings) included."""
     now = now or int(time.time())
     problems: list[str] = []
     owned: dict[int, bool] = {}
     planned: list[tuple[bytes, int, bool, int]] = []
     for index, item in enumerate(items):
+        if isinstance(item, str):
+            problems.append(f"item {index}: {item}")
+            continue
         sid = item.segment
         mine = owned.get(sid)
         if mine is None:
@@ -138,7 +149,7 @@ def apply_batch(
     planned.sort(key=itemgetter(0))
     for key, sid, add, expires in planned:
         if add:
-            writer.add(key, (sid,), expires)
+            writer.add_one(key, sid, expires)
         else:
             writer.remove(key, (sid,))
     return Applied(len(planned), Counter(ADD if p[2] else REMOVE for p in planned))

@@ -150,7 +150,7 @@ def apply_file(
     added = removed = 0
     for key, add in sorted(mutations, key=lambda m: m[0]):  # stable: a user's order holds
         if add:
-            writer.add(key, (sid,), expires)
+            writer.add_one(key, sid, expires)
             added += 1
         else:
             removed += writer.remove(key, (sid,))

@@ -544,6 +544,43 @@ class StoreWriter:
             memberships[sid] = expires
         self._put(key, memberships)
 
+    def add_one(self, key: bytes, sid: int, expires: int) -> None:
+        """``add(key, (sid,), expires)`` without the dict round trip: the DMP path, one
+        membership per mutation. A membership already there with the same expiry is left
+        alone, so a repeated push dirties no page."""
+        raw = self._txn.get(key, db=self._members)
+        if raw is None:
+            self._put_flat(key, [expires, 1, sid])
+            return
+        flat = _VALUE_DECODER.decode(raw)
+        same_group = -1
+        i = 0
+        while i < len(flat):
+            count = flat[i + 1]
+            if sid in flat[i + 2 : i + 2 + count]:
+                if flat[i] == expires:
+                    return
+                self.add(key, (sid,), expires)  # moves between expiry groups: the general path
+                return
+            if flat[i] == expires:
+                same_group = i
+            i += 2 + count
+        if same_group < 0:
+            flat += (expires, 1, sid)
+        else:
+            end = same_group + 2 + flat[same_group + 1]
+            flat.insert(end, sid)
+            flat[same_group + 1] += 1
+        self._put_flat(key, flat)
+
+    def _put_flat(self, key: bytes, flat: list[int]) -> None:
+        try:
+            self._txn.put(key, _VALUE_ENCODER.encode(flat), db=self._members)
+        except lmdb.MapFullError as exc:
+            raise StoreError(
+                f"segment store {self.path} is full (map size {self._env.info()['map_size']} bytes)"
+            ) from exc
+
     def remove(self, key: bytes, segment_ids: Iterable[int]) -> int:
         """Remove ``key`` from each segment; returns how many memberships were removed."""
         raw = self._txn.get(key, db=self._members)

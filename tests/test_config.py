@@ -95,6 +95,8 @@ def test_shipped_example_config_loads() -> None:
     config = load_config(Path(__file__).resolve().parent.parent / "deploy" / "enrich-server.toml")
     assert config.server.store == "/var/lib/enrich-server/segments.lmdb"
     assert config.enrich.path == "/enrich"
+    (mapp,) = config.platforms
+    assert (mapp.id, mapp.name, mapp.sync_hosts) == (99999, "mapp", ("go.flx1.com",))
 
 
 def test_auth_and_privacy_tables(tmp_path: Path) -> None:
@@ -154,3 +156,50 @@ def test_bad_environment_list_and_map() -> None:
         load_config(environ={"ENRICH_ENRICH_AUTH_OAUTH_CLIENTS": "index"})
     with pytest.raises(ConfigError, match="is not true or false"):
         load_config(environ={"ENRICH_PRIVACY_GPP": "maybe"})
+
+
+def test_platform_tables(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[platform]]\nid = 1\nname = "mapp"\nbasic = "foo:bar"\nsync_hosts = ["a.example"]\n'
+        '[[platform]]\nid = 2\nname = "other"\ntokens = ["t"]\nttl = 0\n'
+    )
+    config = load_config(
+        path, {"ENRICH_PLATFORM_OTHER_HMAC_SECRET": "s", "ENRICH_PLATFORM_MAPP_TTL": "60"}
+    )
+    mapp, other = config.platforms
+    assert (mapp.basic, mapp.ttl, mapp.sync_hosts) == ("foo:bar", 60, ("a.example",))
+    assert (other.tokens, other.hmac_secret, other.ttl) == (("t",), "s", 0)
+    assert config.platform(2) is other
+    assert config.platform(3) is None
+    assert from_json(to_json(config)) == config
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "message"),
+    [
+        ('[[platform]]\nname = "a"\n', {}, r"#1: id is required"),
+        ("[[platform]]\nid = 1\n", {}, r"#1: name is required"),
+        ('[[platform]]\nid = 1\nname = "a"\ncolour = 1\n', {}, "unknown key 'colour'"),
+        ('[[platform]]\nid = 1\nname = "a b"\n', {}, "letters, digits or _"),
+        ('[[platform]]\nid = 1\nname = "a"\nbasic = "nocolon"\n', {}, "user:password"),
+        ('[[platform]]\nid = 1\nname = "a"\nsync_hosts = ["Evil.COM/x"]\n', {}, "lower-case host"),
+        ('[[platform]]\nid = 0\nname = "a"\n', {}, "at least 1"),
+        ('[[platform]]\nid = 1\nname = "a"\n[[platform]]\nid = 1\nname = "b"\n', {}, "same id"),
+        ('[[platform]]\nid = 1\nname = "a"\n[[platform]]\nid = 2\nname = "a"\n', {}, "same name"),
+        ("[platform]\nid = 1\n", {}, "array of tables"),
+        (
+            '[[platform]]\nid = 1\nname = "a"\n',
+            {"ENRICH_PLATFORM_B_BASIC": "x:y"},
+            "no \\[\\[platform\\]\\] of that name",
+        ),
+        ('[[platform]]\nid = 1\nname = "a"\n', {"ENRICH_PLATFORM_A_TTL": "soon"}, "not a number"),
+    ],
+)
+def test_bad_platform_tables(
+    tmp_path: Path, text: str, environ: dict[str, str], message: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, environ)

@@ -185,9 +185,15 @@ def test_batch_validated_whole(server: RunningServer) -> None:
         problems = refused.json()["problems"]
         assert [p.split(":")[0] for p in problems] == ["item 3", "item 7", "item 9", "item 10"]
         assert _enrich(client, "ok0") == ["ctx_news"]  # nothing of it was applied
-        typed = [{"segment": sid, "userid": "a"}, {"segment": "x", "userid": 3}, {"op": "zap"}]
+        typed = [
+            {"segment": sid, "userid": "a"},
+            {"segment": "x", "userid": 3},
+            {"segment": sid, "userid": "b c"},
+            {"op": "zap"},
+        ]
         wrong = client.post("/v1/segment", content=json.dumps(typed)).json()
-        assert [p.split(":")[0] for p in wrong["problems"]] == ["item 1", "item 2"]
+        # malformed and invalid items are listed together, by index
+        assert [p.split(":")[0] for p in wrong["problems"]] == ["item 1", "item 2", "item 3"]
         unknown = [{"segment": sid, "userid": "a", "colour": "red"}]
         assert client.post("/v1/segment", content=json.dumps(unknown)).status_code == 400
         for body in (b"{not json", b"{}", b"[]"):

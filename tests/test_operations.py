@@ -106,10 +106,15 @@ def shipped_expressions() -> list[str]:
     return [e.replace("$__rate_interval", "1m") for e in exprs]
 
 
-def test_real_prometheus_scrapes_two_workers(make_store: StoreFactory) -> None:
+PLATFORM = '[[platform]]\nid = 1\nname = "mapp"\nbasic = "foo:bar"\n'
+
+
+def test_real_prometheus_scrapes_two_workers(make_store: StoreFactory, tmp_path: Path) -> None:
     store = make_store("uid:u\tx,y\ndomain:d.com\tctx\n")
     sent = {"200": 150, "400": 7}
-    with run_server(store, "--workers", "2") as server:
+    config = tmp_path / "enrich.toml"
+    config.write_text(PLATFORM)
+    with run_server(store, "--workers", "2", "--config", str(config)) as server:
         target = urllib.parse.urlsplit(server.url).netloc
         with prometheus(target) as prom:
             deadline = time.monotonic() + 20
@@ -139,10 +144,22 @@ def test_real_prometheus_scrapes_two_workers(make_store: StoreFactory) -> None:
             hits = query(prom, 'sum(enrich_lookups_total{result="hit"})')
             assert float(hits[0]["value"][1]) == sent["200"] // 2 + 50
             assert float(query(prom, "min(enrich_ready)")[0]["value"][1]) == 1
+            # DMP ingestion, counted by platform and op whichever worker took the call
+            mapp = httpx.Client(base_url=server.url, auth=("foo", "bar"))
+            sid = mapp.post("/v1/segment", params={"title": "t"}).json()["segment_id"]
+            for n in range(6):
+                items = [{"segment": sid, "userid": f"p{n}-{i}"} for i in range(20)]
+                items += [{"segment": sid, "userid": f"p{n}-0", "op": "remove"}]
+                assert mapp.post("/v1/segment", json=items).status_code == 200
+            mapp.close()
+            added = 'sum(enrich_ingest_mutations_total{platform="mapp",op="add"})'
+            assert wait_for(prom, added, 120) == 120
+            removed = 'sum(enrich_ingest_mutations_total{platform="mapp",op="remove"})'
+            assert wait_for(prom, removed, 6) == 6
             for expr in shipped_expressions():
                 query(prom, expr)  # every expression we ship parses and evaluates
             rules = httpx.get(f"{prom}/api/v1/rules").json()["data"]["groups"][0]["rules"]
-            assert len(rules) == 6
+            assert len(rules) == 7
             assert all(rule["health"] in ("ok", "unknown") for rule in rules), rules
 
 
@@ -152,7 +169,7 @@ def test_promtool_accepts_the_alert_rules() -> None:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert "SUCCESS: 7 rules found" in result.stdout
 
 
 def test_alerts_cover_what_sres_page_on() -> None:
@@ -160,7 +177,7 @@ def test_alerts_cover_what_sres_page_on() -> None:
     names = {rule["alert"] for rule in rules}
     assert names >= {
         "EnrichLatencyP99High", "EnrichBreakerRisk", "EnrichErrorResponses",
-        "EnrichSnapshotStale", "EnrichNotReady",
+        "EnrichSnapshotStale", "EnrichNotReady", "EnrichIngestionFailing",
     }  # fmt: skip
     for rule in rules:
         assert rule["annotations"]["summary"]
