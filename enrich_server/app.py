@@ -28,11 +28,11 @@ from enrich_server.auth import ClientCredentials, EndpointAuth
 from enrich_server.config import Config
 from enrich_server.dmp_api import DmpApi
 from enrich_server.enrich import EnrichEndpoint
+from enrich_server.generations import StoreFollower
 from enrich_server.guard import LoadGuard
 from enrich_server.log import setup_logging
 from enrich_server.metrics import Metrics, Tally
 from enrich_server.privacy import Privacy, PrivacyPolicy
-from enrich_server.store import SegmentStore
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +82,23 @@ def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer
     store_path = Path(config.server.store)
     dmp = DmpApi(config, lambda: endpoint.store, metrics, ingest_socket)
 
-    async def flush_metrics() -> None:
+    async def flush_metrics(follower: StoreFollower) -> None:
         while True:
             await asyncio.sleep(METRICS_FLUSH_SECONDS)
             metrics.flush()
+            # One readlink a second: a replaced store is swapped in here, between requests
+            # (no await between the swap and the assignment).
+            swapped = follower.refresh()
+            if swapped is not None:
+                endpoint.store = swapped
             if endpoint.store is not None:
                 metrics.observe_store(endpoint.store)
                 endpoint.store.refresh()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        store = SegmentStore(store_path)
-        endpoint.store = store
+        follower = StoreFollower(store_path)
+        store = endpoint.store = follower.store
         guard.start(asyncio.get_running_loop())
         # Everything built so far lives as long as the worker: move it out of the cyclic
         # GC's sight, so the collections that per-request garbage triggers scan only that
@@ -102,7 +107,7 @@ def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer
         gc.freeze()
         metrics.observe_store(store)
         metrics.ready.set(1)
-        flusher = asyncio.create_task(flush_metrics())
+        flusher = asyncio.create_task(flush_metrics(follower))
         log.info(
             "store opened",
             extra={
@@ -128,7 +133,7 @@ def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer
                 },
             )
             endpoint.store = None
-            store.close()
+            follower.close()
 
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})

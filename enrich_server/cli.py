@@ -49,7 +49,7 @@ from enrich_server.log import redacted, setup_logging
 from enrich_server.metrics import MULTIPROC_ENV
 from enrich_server.privacy import PrivacyPolicy, purposes_allowed
 from enrich_server.snapshot import export_lines, load_snapshots
-from enrich_server.store import DATA_FILE, SegmentStore, StoreWriter
+from enrich_server.store import DATA_FILE, SegmentStore, StoreWriter, store_dir
 
 log = logging.getLogger("enrich_server")
 
@@ -103,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("snapshots", nargs="+", type=Path, metavar="SNAPSHOT")
     load.add_argument("--store", type=Path, required=True, help="store directory")
-    load.add_argument("--replace", action="store_true", help="drop every existing membership first")
+    load.add_argument(
+        "--replace",
+        action="store_true",
+        help="build a new store from the snapshots alone and swap it in whole (running "
+        "servers follow within 2 s); without it the snapshots are a delta",
+    )
     load.add_argument("--quiet", action="store_true", help="no progress output")
 
     lookup = commands.add_parser(
@@ -415,7 +420,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _compact(args: argparse.Namespace) -> int:
     setup_logging("info")
-    if not (args.store / DATA_FILE).is_file():
+    if not (store_dir(args.store) / DATA_FILE).is_file():
         SegmentStore(args.store)  # raises the usual "no segment store at ..." error
     with StoreWriter(args.store) as writer:
         removed, deleted = writer.drop_expired(int(time.time()))

@@ -5,18 +5,16 @@ Format, one identity a line (``#`` comments and blank lines are skipped)::
     <key>\\t<segment>[,<segment>...][\\t<expires_unix_seconds>]
 
 A segment written ``-name`` removes that membership (deltas). ``expires`` 0 or absent means
-the membership never expires. A load runs in one LMDB write transaction: it completes, or
-(on any bad line, reported as ``file:line: why``) nothing of it is applied. A store that did
-not exist yet is built beside its final path and renamed into place, so a failed first load
-leaves nothing behind.
+the membership never expires. A delta load runs in one LMDB write transaction on the live
+store: it completes, or (on any bad line, reported as ``file:line: why``) nothing of it is
+applied. A replace, or a first load, is a bulk build of a new store beside the live one
+(``bulk``), published only once complete; a failed one leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
-import os
-import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Final
 from enrich_server.errors import SnapshotError
 from enrich_server.keys import parse_key
 from enrich_server.progress import Progress
-from enrich_server.store import DATA_FILE, StoreWriter
+from enrich_server.store import DATA_FILE, StoreWriter, store_dir
 
 #: How many bad lines a failed load lists before summarising the rest.
 MAX_REPORTED_PROBLEMS: Final = 20
@@ -134,27 +132,19 @@ def load_snapshots(
 ) -> LoadReport:
     """Apply snapshots to the store at ``store_path`` (created when missing), all or nothing.
 
-    With ``replace`` every existing membership is dropped first, in the same transaction.
-    Raises ``SnapshotError`` listing bad lines (nothing applied) and ``StoreError``.
+    With ``replace``, or when there is no store yet, the snapshots are bulk-built into a new
+    store that replaces the live one whole (``bulk.build``); otherwise they are a delta merged
+    into the live store in one write transaction. Raises ``SnapshotError`` listing bad lines
+    (nothing applied) and ``StoreError``.
     """
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise SnapshotError([f"{p}: no such file" for p in missing])
-    fresh = not (store_path / DATA_FILE).exists()
-    target = (
-        store_path.with_name(f".{store_path.name}.building-{os.getpid()}") if fresh else store_path
-    )
-    try:
-        report = _load(paths, target, replace, progress)
-        if fresh:
-            if store_path.exists():
-                store_path.rmdir()  # an empty directory the operator made for us
-            target.rename(store_path)
-    except BaseException:
-        if fresh:
-            shutil.rmtree(target, ignore_errors=True)
-        raise
-    return report
+    if replace or not (store_dir(store_path) / DATA_FILE).exists():
+        from enrich_server import bulk  # noqa: PLC0415  # bulk builds on this module's parser
+
+        return bulk.build(paths, store_path, progress=progress)
+    return _load(paths, store_path, progress)
 
 
 def export_lines(items: Iterable[tuple[bytes, dict[str, int]]]) -> Iterator[str]:
@@ -169,7 +159,7 @@ def export_lines(items: Iterable[tuple[bytes, dict[str, int]]]) -> Iterator[str]
             yield f"{key.decode()}\t{','.join(names)}{tail}\n"
 
 
-def _load(paths: Sequence[Path], store_path: Path, replace: bool, progress: bool) -> LoadReport:
+def _load(paths: Sequence[Path], store_path: Path, progress: bool) -> LoadReport:
     problems: list[str] = []
     more = 0
     lines = added = removed = 0
@@ -177,8 +167,6 @@ def _load(paths: Sequence[Path], store_path: Path, replace: bool, progress: bool
     total = sum(p.stat().st_size for p in paths)
     bar = Progress("load", total) if progress else None
     with StoreWriter(store_path) as writer:
-        if replace:
-            writer.clear_members()
         for path in paths:
             number = 0
             try:

@@ -43,6 +43,8 @@ from enrich_server.errors import SegmentConflictError, StoreError
 
 FORMAT: Final = b"1"
 DATA_FILE: Final = "data.mdb"
+#: In a store with generations, the symlink naming the generation served (``generations``).
+CURRENT_LINK: Final = "current"
 
 _META: Final = b"meta"
 _SEGMENT_IDS: Final = b"segment_ids"
@@ -117,6 +119,25 @@ def _live(flat: list[int], now: int, min_expires: int) -> tuple[list[int], int]:
     return live, min_expires
 
 
+def store_dir(path: Path) -> Path:
+    """The directory holding the environment of the store at ``path``: the generation that
+    ``path/current`` names, or ``path`` itself (a plain store)."""
+    try:
+        return path / os.readlink(path / CURRENT_LINK)
+    except OSError:
+        return path
+
+
+def _map_size(directory: Path, least: int) -> int:
+    """A writer's map: ``least``, or twice the file when bigger, so that one transaction can
+    at least double the store before LMDB's map is full (readers adopt the grown map)."""
+    try:
+        size = os.path.getsize(directory / DATA_FILE)
+    except OSError:
+        return least
+    return max(least, 2 * size)
+
+
 def _check_store_dir(path: Path) -> None:
     if not (path / DATA_FILE).is_file():
         raise StoreError(
@@ -169,12 +190,14 @@ class SegmentStore:
     process's DMP ingestion writes through (py-lmdb opens an environment once per process)."""
 
     def __init__(self, path: Path, writable: bool = False) -> None:
-        _check_store_dir(path)
         self.path = path
+        #: Where the environment is: ``path``, or the generation ``path/current`` names.
+        self.directory = store_dir(path)
+        _check_store_dir(self.directory)
         self.writable = writable
         try:
             self._env = lmdb.open(
-                str(path),
+                str(self.directory),
                 readonly=not writable,
                 map_size=DEFAULT_MAP_SIZE if writable else 0,
                 max_dbs=_MAX_DBS,
@@ -260,6 +283,12 @@ class SegmentStore:
             # A writer grew the map beyond what this process mapped: adopt the new size.
             self._env.set_mapsize(0)
             return self._env.begin(self._members)
+
+    def warm(self) -> None:
+        """Read every segment name now, so that no request pays for it (a store swapped in
+        while serving)."""
+        with self._env.begin() as txn:
+            self._load_names(txn, txn.stat(self._names_db)["entries"])
 
     def _load_names(self, txn: lmdb.Transaction[bytes], up_to: int) -> None:
         names = self._json_names
@@ -423,7 +452,7 @@ class SegmentStore:
                 **{names.get(sid, "?"): n for sid, n in per_segment.most_common()},
                 **{name: 0 for sid, name in names.items() if sid not in per_segment},
             },
-            file_bytes=os.path.getsize(self.path / DATA_FILE),
+            file_bytes=os.path.getsize(self.directory / DATA_FILE),
             data_bytes=(info["last_pgno"] + 1) * self._env.stat()["psize"],
             built_at=built_at,
             updated_at=updated_at,
@@ -464,8 +493,11 @@ class StoreWriter:
         self._owns_env = env is None
         try:
             if env is None:
-                path.mkdir(parents=True, exist_ok=True)
-                env = lmdb.open(str(path), map_size=map_size, max_dbs=_MAX_DBS)
+                directory = store_dir(path)
+                directory.mkdir(parents=True, exist_ok=True)
+                env = lmdb.open(
+                    str(directory), map_size=_map_size(directory, map_size), max_dbs=_MAX_DBS
+                )
             self._env = env
             self._txn = self._env.begin(write=True)
             self._meta = self._env.open_db(_META, txn=self._txn)
@@ -624,11 +656,6 @@ class StoreWriter:
                 self._txn.delete(key, db=self._members)
                 deleted += 1
         return removed, deleted
-
-    def clear_members(self) -> None:
-        """Drop every membership (segment ids stay interned, so cached names stay valid)."""
-        self._txn.drop(self._members, delete=False)
-        self._txn.put(b"built_at", str(int(time.time())).encode(), db=self._meta)
 
     def segment_name(self, sid: int) -> str | None:
         """The name (served string) of segment ``sid``."""

@@ -118,6 +118,7 @@ def test_load_progress_on_stderr_when_not_a_tty(tmp_path: Path) -> None:
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "load [########################] 100.0% 1 lines" in result.stderr
+    assert "write [########################] 100.0% 1 lines" in result.stderr  # the bulk build
     assert "\r" not in result.stderr
     assert result.stdout.startswith("loaded 1 lines")
 

@@ -74,7 +74,7 @@ def test_writer_aborts_everything_on_exception(make_store: StoreFactory) -> None
     def write_then_fail() -> None:
         with StoreWriter(path) as writer:
             writer.add(b"uid:b", [writer.intern("lost")], 0)
-            writer.clear_members()
+            writer.remove(b"uid:a", [writer.intern("kept")])
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
