@@ -30,7 +30,7 @@ from enrich_server.auth import PlatformCredentials
 from enrich_server.config import Config, PlatformConfig
 from enrich_server.dmp import BatchError
 from enrich_server.errors import SegmentConflictError, StoreError
-from enrich_server.ingestd import IngestClient
+from enrich_server.ingestd import IngestClient, ReplayError
 from enrich_server.metrics import Metrics
 from enrich_server.openapi import openapi_document
 from enrich_server.snapshot import segment_name_problem
@@ -197,7 +197,10 @@ class DmpApi:
             return _error(400, problem)
         ours, _ = our_user_id(request.cookies.get(self._config.dmp.cookie))
 
-        await self._write("alias", their.encode(), ours.encode())
+        try:
+            await self._write("alias", their.encode(), ours.encode(), given.get("sig", "").lower())
+        except ReplayError as exc:
+            return _error(403, str(exc))
         store = self._store()
         if store is not None:
             store.has_aliases = True

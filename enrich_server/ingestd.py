@@ -36,6 +36,7 @@ from enrich_server.dmp import Applied, BatchError, Mutation, apply_batch, decode
 from enrich_server.errors import SegmentConflictError, StoreError
 from enrich_server.log import setup_logging
 from enrich_server.store import SegmentStore, StoreWriter
+from enrich_server.sync import ReplayGuard
 from enrich_server.writes import WriteQueue
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,10 @@ def frame(message: Any) -> bytes:
     """``message`` encoded as one frame."""
     body = _ENCODER.encode(message)
     return _LENGTH.pack(len(body)) + body
+
+
+class ReplayError(Exception):
+    """A signed call came a second time."""
 
 
 class IngestClient:
@@ -96,6 +101,8 @@ class IngestClient:
             raise BatchError(problems[0], problems[1])
         if kind == "conflict":
             raise SegmentConflictError(message)
+        if kind == "replay":
+            raise ReplayError(message)
         raise StoreError(message)
 
     def close(self) -> None:
@@ -115,6 +122,7 @@ class _Writer:
     def __init__(self, config: Config) -> None:
         self._config = config
         self._ttl = {p.id: p.ttl for p in config.platforms}
+        self._replays = ReplayGuard(config.dmp.signature_window)
 
     def job(self, op: str, args: list[Any]) -> Job:
         if op == "batch":
@@ -134,12 +142,16 @@ class _Writer:
             (sid,) = args
             return lambda w: w.delete_dmp_segment(sid)
         if op == "alias":
-            their, ours = args
+            their, ours, signature = args
+            if signature and not self._replays.first_use(signature):
+                raise ReplayError("signature already used")
             return lambda w: w.map_alias(their, ours)
         raise ValueError(f"unknown op {op!r}")
 
 
 def _error_reply(exc: Exception) -> list[Any]:
+    if isinstance(exc, ReplayError):
+        return ["error", "replay", str(exc), None]
     if isinstance(exc, BatchError):
         return ["error", "batch", str(exc), [exc.problems, exc.more]]
     if isinstance(exc, SegmentConflictError):
@@ -165,7 +177,8 @@ async def _serve(config: Config, socket_path: str, parent: int, ready: Event) ->
                 except (asyncio.IncompleteReadError, ConnectionError, ValueError):
                     return
                 try:
-                    result = await queue.run(writer_ops.job(request[0], request[1:]))
+                    job = writer_ops.job(request[0], request[1:])
+                    result = await queue.run(job)
                     reply: list[Any] = ["ok", result]
                 except Exception as exc:  # every failure goes back to the worker that asked
                     reply = _error_reply(exc)

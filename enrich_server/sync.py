@@ -115,33 +115,46 @@ def sign(secret: str, params: Iterable[tuple[str, str]]) -> str:
 
 
 class SignatureChecker:
-    """Checks signed calls: the HMAC (constant time), the timestamp within the window, and
-    no signature used twice (per process, while it is inside the window)."""
+    """Checks signed calls: the HMAC (constant time) and the timestamp within the window.
+    (Replays of a state-changing call are refused by ``ReplayGuard``, in the one process
+    that writes.)"""
 
     def __init__(self, window: int) -> None:
         self.window = window
-        self._seen: OrderedDict[str, int] = OrderedDict()
 
     def problem(
         self, secret: str, params: list[tuple[str, str]], now: float | None = None
     ) -> str | None:
         """Why the signed ``params`` are refused, or ``None`` when they are good."""
         given = dict(params)
-        sig = given.get("sig", "").lower()
         ts = given.get("ts", "")
         if not ts.isdigit():
             return "signed calls need ts (unix seconds)"
         now = time.time() if now is None else now
         if abs(now - int(ts)) > self.window:
             return f"ts is more than {self.window} s away from our clock"
+        sig = given.get("sig", "").lower()
         if not hmac.compare_digest(sig.encode(), sign(secret, params).encode()):
             return "bad signature"
+        return None
+
+
+class ReplayGuard:
+    """Remembers the signatures used within the window: a signed ``/uid`` is applied once."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def first_use(self, signature: str, now: float | None = None) -> bool:
+        """``True`` the first time ``signature`` is seen within the window."""
+        now = time.time() if now is None else now
         seen = self._seen
-        while seen and next(iter(seen.values())) < now - self.window:
-            seen.popitem(last=False)
-        if sig in seen:
-            return "signature already used"
-        seen[sig] = int(now)
+        while seen and next(iter(seen.values())) < now - 2 * self.window:
+            seen.popitem(last=False)  # older than any ts still inside the window
+        if signature in seen:
+            return False
+        seen[signature] = now
         if len(seen) > _SEEN_SIGNATURES:
             seen.popitem(last=False)
-        return None
+        return True

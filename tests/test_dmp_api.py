@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx2 as httpx
 import pytest
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import validate
 
 from enrich_server.store import SegmentStore
 from enrich_server.sync import sign
@@ -341,11 +343,27 @@ def test_sync_refuses_open_redirects_over_http(server: RunningServer, out: str) 
 
 def test_openapi_describes_the_api(server: RunningServer) -> None:
     document = httpx.get(f"{server.url}/openapi.json").json()
-    assert document["openapi"].startswith("3.1")
+    validate(document)  # a valid OpenAPI 3.1 document
     assert {"/sync", "/uid", "/v1/segment", "/v1/segment/{segment_id}"} <= set(document["paths"])
-    mutation = document["components"]["schemas"]["Mutation"]
-    assert mutation["required"] == ["segment", "userid"]
-    assert document["components"]["schemas"]["Batch"]["maxItems"] == 50
+    schemas = document["components"]["schemas"]
+    assert schemas["Mutation"]["required"] == ["segment", "userid"]
+    assert schemas["Batch"]["maxItems"] == 50  # the configured limit
+
+    def conforms(name: str, instance: object) -> None:
+        schema = {**schemas[name], "components": document["components"]}
+        Draft202012Validator(
+            json.loads(json.dumps(schema).replace("#/components", "#/components"))
+        ).validate(instance)
+
+    with httpx.Client(base_url=server.url, auth=MAPP) as client:
+        created = client.post("/v1/segment", params={"title": "Spec"}).json()
+        conforms("Created", created)
+        batch = [{"segment": created["segment_id"], "userid": "s1", "ttl": 60}]
+        Draft202012Validator(schemas["Mutation"]).validate(batch[0])
+        conforms("Applied", client.post("/v1/segment", json=batch).json())
+        conforms("Error", client.post("/v1/segment", json=[{"segment": 0}]).json())
+        for segment in client.get("/v1/segment").json()["segments"]:
+            conforms("Segment", segment)
 
 
 def test_acknowledged_batch_survives_kill_9(store: Path, config: Path) -> None:
@@ -407,6 +425,10 @@ def test_concurrent_batches_across_two_workers(store: Path, config: Path) -> Non
             assert sum(pool.map(push, range(40))) == 2000
         with httpx.Client(base_url=server.url) as client:
             assert _enrich(client, "w39-49") == [str(sid), "ctx_news"]
+        # A signed /uid is applied once, whichever worker a replay reaches.
+        signed = _signed([("userid", "R-1"), ("pl", "7"), ("ts", str(int(time.time())))])
+        statuses = [httpx.get(f"{server.url}/uid", params=signed).status_code for _ in range(6)]
+        assert sorted(statuses) == [200, 403, 403, 403, 403, 403]
     opened = SegmentStore(store)
     try:
         assert opened.stats().segment_members[str(sid)] == 2000
