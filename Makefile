@@ -63,5 +63,9 @@ bench-quick: $(STAMP) bench-deps ## the same, shorter (< 2 min)
 bench-micro: $(STAMP) ## in-process app work per request (decode + lookups + encode), 1M-identity store
 	$(BIN)/python -m bench.micro
 
+.PHONY: bench-ingest
+bench-ingest: $(STAMP) bench-deps ## DMP micro-batches pushed beside /enrich open-loop load (~3 min)
+	$(BIN)/python -m bench.ingest --profile full
+
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench/.cache

@@ -80,3 +80,20 @@ def test_locust_scenario_runs_headless(tmp_path: Path) -> None:
     enrich = next(row for row in rows if row["Name"] == "/enrich")
     assert int(enrich["Request Count"]) > 50
     assert int(enrich["Failure Count"]) == 0
+
+
+def test_ingest_bench_smoke_profile_writes_results(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.ingest", "--profile", "smoke", "--out", str(tmp_path)],
+        capture_output=True, text=True, check=False, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "ingest-smoke.json").read_text())
+    median = report["median"]
+    assert median["ingest_alone_mps"] > 0
+    assert median["ingest_beside_mps"] > 0
+    assert median["ingest_failures"] == 0
+    assert median["enrich_errors_with_ingest"] == 0
+    assert median["p99_ms_without_ingest"] > 0
+    assert median["p99_ms_with_ingest"] > 0
+    assert "ingest_beside_mps" in (tmp_path / "ingest-smoke.md").read_text()
