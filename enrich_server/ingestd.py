@@ -34,8 +34,9 @@ from enrich_server import config as config_module
 from enrich_server.config import Config
 from enrich_server.dmp import Applied, BatchError, Mutation, apply_batch, decode_batch
 from enrich_server.errors import SegmentConflictError, StoreError
+from enrich_server.generations import StoreFollower
 from enrich_server.log import setup_logging
-from enrich_server.store import SegmentStore, StoreWriter
+from enrich_server.store import SegmentStore, StoreWriter, store_dir
 from enrich_server.sync import ReplayGuard
 from enrich_server.writes import WriteQueue
 
@@ -164,8 +165,21 @@ def _error_reply(exc: Exception) -> list[Any]:
 
 
 async def _serve(config: Config, socket_path: str, parent: int, ready: Event) -> None:
-    store = SegmentStore(Path(config.server.store), writable=True)
-    queue = WriteQueue(lambda: store, clean_errors=(BatchError, SegmentConflictError))
+    root = Path(config.server.store)
+    # The store follows replaces like the workers' does: checked before each transaction,
+    # and again once it holds the write lock (a replace published meanwhile retries it).
+    follower = StoreFollower(root, writable=True)
+
+    def current() -> SegmentStore:
+        follower.refresh()
+        return follower.store
+
+    def is_current(store: SegmentStore) -> bool:
+        return store_dir(root) == store.directory
+
+    queue = WriteQueue(
+        current, clean_errors=(BatchError, SegmentConflictError), is_current=is_current
+    )
     writer_ops = _Writer(config)
     limit = config.dmp.max_body + _FRAME_SLACK
 
@@ -191,7 +205,7 @@ async def _serve(config: Config, socket_path: str, parent: int, ready: Event) ->
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     ready.set()
-    log.info("ingestion process ready", extra={"pid": os.getpid(), "store": str(store.path)})
+    log.info("ingestion process ready", extra={"pid": os.getpid(), "store": str(root)})
     try:
         while not stopping.is_set() and os.getppid() == parent:
             with contextlib.suppress(TimeoutError):
@@ -199,7 +213,7 @@ async def _serve(config: Config, socket_path: str, parent: int, ready: Event) ->
     finally:
         server.close()
         queue.close()  # finishes what was queued: those writes commit
-        store.close()
+        follower.close()
         log.info("ingestion process stopped", extra={"pid": os.getpid()})
 
 

@@ -186,8 +186,8 @@ class Resolved:
 
 
 class SegmentStore:
-    """A serving process's view of a store: reads, and with ``writable`` the environment the
-    process's DMP ingestion writes through (py-lmdb opens an environment once per process)."""
+    """A process's view of a store: reads, and with ``writable`` (the ingestion process) the
+    environment its writes go through (py-lmdb opens an environment once per process)."""
 
     def __init__(self, path: Path, writable: bool = False) -> None:
         self.path = path
@@ -575,6 +575,12 @@ class StoreWriter:
         for sid in segment_ids:
             memberships[sid] = expires
         self._put(key, memberships)
+
+    def abort(self) -> None:
+        """Give the session up without writing (instead of leaving the ``with`` block)."""
+        self._txn.abort()
+        if self._owns_env:
+            self._env.close()
 
     def add_one(self, key: bytes, sid: int, expires: int) -> None:
         """``add(key, (sid,), expires)`` without the dict round trip: the DMP path, one

@@ -7,7 +7,9 @@ in flight are applied together in the next transaction: under load, many batches
 one fsync. A job's future resolves only after its commit, so an acknowledged write is on
 disk. A job refused with one of the ``clean_errors`` (raised before it wrote anything) fails
 alone; any other exception aborts its group, whose jobs are then retried one by one, so a
-failing job never takes the others down.
+failing job never takes the others down. With ``is_current``, a group whose store was
+superseded while it waited for LMDB's write lock (a replace was published) is aborted and run
+again on the store ``store()`` now returns, so no acknowledged write lands in a dead store.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
+from enrich_server.errors import StoreError
 from enrich_server.store import SegmentStore, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,11 @@ Job = Callable[[StoreWriter], Any]
 _STOP: Final = None
 #: Most jobs sharing one transaction: bounds how long one commit holds LMDB's write lock.
 MAX_GROUP: Final = 64
+_SUPERSEDED_RETRIES: Final = 5
+
+
+class _SupersededError(Exception):
+    """The store was replaced while this group waited for the write lock."""
 
 
 class _Pending:
@@ -58,9 +66,11 @@ class WriteQueue:
         self,
         store: Callable[[], SegmentStore | None],
         clean_errors: tuple[type[Exception], ...] = (),
+        is_current: Callable[[SegmentStore], bool] | None = None,
     ) -> None:
         self._store = store
         self._clean_errors = clean_errors
+        self._is_current = is_current
         self._jobs: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name="store-writer", daemon=True)
         self._thread.start()
@@ -98,32 +108,54 @@ class WriteQueue:
                 return
 
     def _apply(self, group: list[_Pending]) -> None:
+        if len(group) > 1 and self._apply_together(group):
+            return
+        for pending in group:
+            self._apply_alone(pending)
+
+    def _begin(self) -> StoreWriter:
+        """A write session on the current store; raises ``_SupersededError`` when a replace
+        was published while it waited for LMDB's write lock."""
         store = self._store()
         if store is None:
-            closed = RuntimeError("the store is closed")
-            for pending in group:
-                pending.settle(error=closed)
-            return
-        if len(group) > 1:
+            raise StoreError("the store is closed")
+        writer = store.writer()  # waits for the write lock
+        if self._is_current is not None and not self._is_current(store):
+            writer.abort()
+            raise _SupersededError
+        return writer
+
+    def _apply_together(self, group: list[_Pending]) -> bool:
+        """One transaction for the whole group; ``False`` (nothing settled, nothing written)
+        when a job failed midway and each must run alone."""
+        for _ in range(_SUPERSEDED_RETRIES):
             outcomes: list[tuple[Any, BaseException | None]] = []
             try:
-                with store.writer() as writer:
+                with self._begin() as writer:
                     for pending in group:
                         try:
                             outcomes.append((pending.job(writer), None))
                         except self._clean_errors as refused:
                             outcomes.append((None, refused))
-            except Exception:  # a job failed midway: run each alone, below, to isolate it
-                pass
-            else:
-                for pending, (result, error) in zip(group, outcomes, strict=True):
-                    pending.settle(result, error)
-                return
-        for pending in group:
+            except _SupersededError:
+                continue
+            except Exception:  # isolated below, by running each job alone
+                return False
+            for pending, (result, error) in zip(group, outcomes, strict=True):
+                pending.settle(result, error)
+            return True
+        return False
+
+    def _apply_alone(self, pending: _Pending) -> None:
+        for _ in range(_SUPERSEDED_RETRIES):
             try:
-                with store.writer() as writer:
+                with self._begin() as writer:
                     result = pending.job(writer)
+            except _SupersededError:
+                continue
             except Exception as exc:  # handed to the awaiting request
                 pending.settle(error=exc)
             else:
                 pending.settle(result)
+            return
+        pending.settle(error=StoreError("the store keeps being replaced; nothing applied"))

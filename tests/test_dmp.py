@@ -219,3 +219,36 @@ def test_add_one_matches_add(make_store: StoreFactory) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_write_queue_moves_to_a_replacing_store(make_store: StoreFactory) -> None:
+    """A group that got the write lock of a superseded store is run again on the new one."""
+    old, new = (SegmentStore(make_store("uid:x\ta\n"), writable=True) for _ in range(2))
+    published = threading.Event()
+    checks: list[str] = []
+
+    def current() -> SegmentStore:
+        return new if published.is_set() else old
+
+    def is_current(store: SegmentStore) -> bool:
+        checks.append("old" if store is old else "new")
+        published.set()  # the replace lands while the first group waits for the lock
+        return store is new
+
+    queue = WriteQueue(current, is_current=is_current)
+
+    def job(writer: StoreWriter) -> str:
+        writer.add(b"uid:moved", (writer.intern("m"),), 0)
+        return "done"
+
+    try:
+        assert asyncio.run(queue.run(job)) == "done"
+    finally:
+        queue.close()
+    try:
+        assert checks == ["old", "new"]
+        assert old.memberships(b"uid:moved") is None
+        assert new.memberships(b"uid:moved") == {"m": 0}
+    finally:
+        old.close()
+        new.close()

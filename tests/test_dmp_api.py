@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -15,10 +17,10 @@ import pytest
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
-from enrich_server.store import SegmentStore
+from enrich_server.store import SegmentStore, store_dir
 from enrich_server.sync import sign
 from tests.conftest import StoreFactory
-from tests.utils import RunningServer, run_server
+from tests.utils import ROOT, RunningServer, run_server
 
 CONFIG = """
 [dmp]
@@ -442,3 +444,39 @@ def test_no_platforms_keeps_the_store_read_only(store: Path) -> None:
         assert httpx.get(f"{server.url}/v1/segment", auth=MAPP).status_code == 401
         assert httpx.get(f"{server.url}/sync?out=https://go.flx1.com/").status_code == 400
     assert (store / "data.mdb").read_bytes() == data
+
+
+def test_ingestion_follows_a_replaced_store(store: Path, config: Path, tmp_path: Path) -> None:
+    """After load --replace, pushes land in the new generation: the DMP's segments (and
+    synced ids) carry over, its pushed memberships are superseded with the rest."""
+    snapshot = tmp_path / "next.tsv"
+    snapshot.write_text("uid:someone\tnew_operator_segment\n")
+    with (
+        run_server(store, "--config", str(config)) as server,
+        httpx.Client(base_url=server.url, auth=MAPP) as client,
+    ):
+        sid = client.post("/v1/segment", params={"title": "Kept", "key": "kept"}).json()[
+            "segment_id"
+        ]
+        client.post("/v1/segment", params={"id": sid, "userid": "before"})
+        assert _enrich(client, "before") == ["kept", "ctx_news"]
+        load = subprocess.run(
+            [sys.executable, "-m", "enrich_server", "load", str(snapshot), "--store",
+             str(store), "--replace", "--quiet"],
+            capture_output=True, text=True, check=False, cwd=ROOT,
+        )  # fmt: skip
+        assert load.returncode == 0, load.stderr
+        deadline = time.monotonic() + 5
+        while _enrich(client, "someone") != ["new_operator_segment"]:
+            assert time.monotonic() < deadline, "the replace was not served"
+            time.sleep(0.1)
+        assert client.get(f"/v1/segment/{sid}").status_code == 200  # the registry stayed
+        after = client.post("/v1/segment", params={"id": sid, "userid": "after"})
+        assert after.status_code == 200
+        assert _enrich(client, "after") == ["kept"]
+        assert _enrich(client, "before") == []  # a replace supersedes pushed memberships
+    follower = SegmentStore(store_dir(store))
+    try:
+        assert follower.memberships(b"uid:after") == {"kept": 0}
+    finally:
+        follower.close()
