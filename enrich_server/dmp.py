@@ -17,7 +17,7 @@ from typing import Final, Literal
 
 import msgspec
 
-from enrich_server.keys import EID, IFA, UID, parse_key
+from enrich_server.keys import EID, IFA, MAX_KEY_BYTES, UID, parse_key
 from enrich_server.store import StoreWriter
 
 #: Longest TTL a mutation may ask for (ten years): anything longer is a unit mistake.
@@ -39,6 +39,7 @@ class Mutation(msgspec.Struct, forbid_unknown_fields=True):
     idtype: str = UID
 
 
+_UID_PREFIX: Final = (UID + ":").encode()
 _BATCH_DECODER: Final = msgspec.json.Decoder(list[Mutation])
 _ANY_DECODER: Final = msgspec.json.Decoder()
 
@@ -90,11 +91,17 @@ def _capped(problems: list[str]) -> BatchError:
 
 def user_key(userid: str, idtype: str) -> bytes:
     """The store key of a pushed user; raises ``ValueError`` saying what is wrong."""
-    if idtype not in (UID, IFA) and not idtype.startswith(EID + ":"):
-        raise ValueError(f"idtype {idtype!r} is not uid, ifa or eid:<source>")
     # isprintable() refuses every whitespace but the ASCII space, checked on its own.
     if not userid or not userid.isprintable() or " " in userid:
         raise ValueError(f"userid {userid!r} is empty or has spaces or control characters")
+    if idtype == UID:
+        # The common case, without parse_key's general work: a uid is taken as it is.
+        key = _UID_PREFIX + userid.encode()
+        if len(key) > MAX_KEY_BYTES:
+            raise ValueError(f"key is longer than {MAX_KEY_BYTES} bytes")
+        return key
+    if idtype != IFA and not idtype.startswith(EID + ":"):
+        raise ValueError(f"idtype {idtype!r} is not uid, ifa or eid:<source>")
     return parse_key(f"{idtype}:{userid}")
 
 
@@ -120,6 +127,8 @@ def apply_batch(
     problems: list[str] = []
     owned: dict[int, bool] = {}
     planned: list[tuple[bytes, int, bool, int]] = []
+    default_expires = now + default_ttl if default_ttl else 0
+    plan = planned.append
     for index, item in enumerate(items):
         if isinstance(item, str):
             problems.append(f"item {index}: {item}")
@@ -132,8 +141,12 @@ def apply_batch(
         if not mine:
             problems.append(f"item {index}: segment {sid} is not a segment of this platform")
             continue
-        ttl = default_ttl if item.ttl is None else item.ttl
-        if not 0 <= ttl <= MAX_TTL:
+        ttl = item.ttl
+        if ttl is None:
+            expires = default_expires
+        elif 0 <= ttl <= MAX_TTL:
+            expires = now + ttl if ttl else 0
+        else:
             problems.append(f"item {index}: ttl {ttl} is outside 0-{MAX_TTL} seconds")
             continue
         try:
@@ -141,15 +154,17 @@ def apply_batch(
         except ValueError as exc:
             problems.append(f"item {index}: {exc}")
             continue
-        planned.append((key, sid, item.op == ADD, now + ttl if ttl else 0))
+        plan((key, sid, item.op == ADD, expires))
     if problems:
         raise _capped(problems)
     # Neighbouring keys share B-tree pages: fewer pages touched per commit. A stable sort
     # on the key alone keeps a user's own mutations in the order they were sent.
     planned.sort(key=itemgetter(0))
+    adds = 0
     for key, sid, add, expires in planned:
         if add:
             writer.add_one(key, sid, expires)
+            adds += 1
         else:
             writer.remove(key, (sid,))
-    return Applied(len(planned), Counter(ADD if p[2] else REMOVE for p in planned))
+    return Applied(len(planned), Counter({ADD: adds, REMOVE: len(planned) - adds}))

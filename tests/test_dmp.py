@@ -116,10 +116,18 @@ def test_user_keys(userid: str, idtype: str, key: bytes) -> None:
 
 
 @pytest.mark.parametrize(
-    ("userid", "idtype"), [("a", "domain"), ("a", "eid:"), ("", "uid"), ("a\tb", "uid")]
+    ("userid", "idtype"),
+    [
+        ("a", "domain"),
+        ("a", "eid:"),
+        ("", "uid"),
+        ("a\tb", "uid"),
+        ("x" * 600, "uid"),
+        ("\ud800", "uid"),
+    ],
 )
 def test_bad_user_keys(userid: str, idtype: str) -> None:
-    with pytest.raises(ValueError, match=r"idtype|userid|eid key"):
+    with pytest.raises(ValueError, match=r"idtype|userid|eid key|longer|encode"):
         user_key(userid, idtype)
 
 
