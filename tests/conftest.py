@@ -14,8 +14,9 @@ from tests.utils import ROOT
 
 StoreFactory = Callable[[str], Path]
 
-#: The shared OpenRTB corpus; CI and developers have ../shared beside the repository.
-CORPUS = Path(os.environ.get("ENRICH_TEST_CORPUS", ROOT.parent / "shared" / "corpus" / "openrtb"))
+#: The shared OpenRTB corpus; CI and developers have ../shared beside the repository. (Not an
+#: ENRICH_* variable: the servers the tests start refuse unknown ones.)
+CORPUS = Path(os.environ.get("OPENRTB_CORPUS", ROOT.parent / "shared" / "corpus" / "openrtb"))
 
 
 @pytest.fixture
@@ -44,5 +45,5 @@ def seed_bodies() -> dict[str, bytes]:
 def corpus() -> Path:
     """The OpenRTB corpus directory; its absence is a failure, not a skip."""
     if not (CORPUS / "valid").is_dir():
-        pytest.fail(f"OpenRTB corpus not found at {CORPUS} (set ENRICH_TEST_CORPUS)")
+        pytest.fail(f"OpenRTB corpus not found at {CORPUS} (set OPENRTB_CORPUS)")
     return CORPUS
