@@ -86,11 +86,14 @@ def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer
         while True:
             await asyncio.sleep(METRICS_FLUSH_SECONDS)
             metrics.flush()
-            # One readlink a second: a replaced store is swapped in here, between requests
-            # (no await between the swap and the assignment).
-            swapped = follower.refresh()
-            if swapped is not None:
-                endpoint.store = swapped
+            if follower.changed():  # one readlink a second: has the store been replaced?
+                # Opening and closing block: off the event loop. The swap itself happens
+                # between requests (an answer reads the store in one synchronous call).
+                opened = await asyncio.to_thread(follower.open_next)
+                if opened is not None:
+                    retired = follower.swap(*opened)
+                    endpoint.store = follower.store
+                    await asyncio.to_thread(retired.close)
             if endpoint.store is not None:
                 metrics.observe_store(endpoint.store)
                 endpoint.store.refresh()

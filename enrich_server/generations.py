@@ -145,42 +145,76 @@ def open_current(root: Path, writable: bool = False) -> tuple[SegmentStore, Leas
 
 
 class StoreFollower:
-    """A serving worker's store: follows ``current`` across replaces."""
+    """A serving worker's store: follows ``current`` across replaces.
+
+    ``changed`` costs one ``readlink``; ``open_next`` and ``Retired.close`` block (opening,
+    reading every segment name, unmapping, deleting files), so the app runs them in a thread
+    and only ``swap`` on the event loop, between requests.
+    """
 
     def __init__(self, root: Path, writable: bool = False) -> None:
         self.root = root
         self.writable = writable
         self.store, self._lease = open_current(root, writable)
 
-    def refresh(self) -> SegmentStore | None:
-        """Swap to a newly published generation, if any; returns the new store (the old one
-        is closed: call only between requests) or ``None`` when nothing changed."""
-        if store_dir(self.root) == self.store.directory:
-            return None
+    def changed(self) -> bool:
+        """Whether ``current`` names another generation than the one served."""
+        return store_dir(self.root) != self.store.directory
+
+    def open_next(self) -> tuple[SegmentStore, Lease] | None:
+        """The current generation, opened and warmed; ``None`` if it cannot be yet."""
         try:
             store, lease = open_current(self.root, self.writable)
         except StoreError as exc:
             log.warning("new store generation not opened yet", extra={"error": str(exc)})
             return None
         store.warm()
-        old, old_lease = self.store, self._lease
+        return store, lease
+
+    def swap(self, store: SegmentStore, lease: Lease) -> Retired:
+        """Serve ``store`` from now on; returns the old one, to be closed."""
+        retired = Retired(self.root, self.store, self._lease)
         self.store, self._lease = store, lease
-        old.close()
-        old_lease.release()
-        removed = remove_unused(self.root)
         log.info(
             "store generation swapped in",
             extra={
                 "store": str(self.root),
                 "directory": store.directory.name,
                 "identities": store.identity_count(),
-                "removed": removed,
                 "pid": os.getpid(),
             },
         )
-        return store
+        return retired
+
+    def refresh(self) -> SegmentStore | None:
+        """``changed``, ``open_next``, ``swap`` and close the old one, all at once; returns
+        the new store, or ``None`` when nothing changed."""
+        if not self.changed():
+            return None
+        opened = self.open_next()
+        if opened is None:
+            return None
+        self.swap(*opened).close()
+        return self.store
 
     def close(self) -> None:
         """Close the store and drop the lease."""
         self.store.close()
         self._lease.release()
+
+
+class Retired:
+    """A generation no longer served by this process."""
+
+    def __init__(self, root: Path, store: SegmentStore, lease: Lease) -> None:
+        self.root = root
+        self.store = store
+        self.lease = lease
+
+    def close(self) -> None:
+        """Close it, let go of it, and remove every generation nobody holds any more."""
+        self.store.close()
+        self.lease.release()
+        removed = remove_unused(self.root)
+        if removed:
+            log.info("old store generations removed", extra={"removed": removed})

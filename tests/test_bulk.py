@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench.synth import snapshot_lines
-from enrich_server import bulk
+from enrich_server import bulk, bulk_worker
 from enrich_server.errors import SnapshotError, StoreError
 from enrich_server.snapshot import export_lines, load_snapshots, parse_line
 from enrich_server.store import SegmentStore
@@ -183,7 +183,7 @@ def test_disk_full_during_build_leaves_the_live_store_serving(
             def full(path: Path, blobs: list[bytes]) -> None:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-            monkeypatch.setattr(bulk, "write_spill", full)
+            monkeypatch.setattr(bulk_worker, "write_spill", full)
             with pytest.raises(StoreError) as info:
                 load_snapshots([big], store, replace=True, progress=False)
             message = str(info.value)
