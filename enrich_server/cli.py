@@ -12,7 +12,6 @@ import dataclasses
 import datetime
 import functools
 import logging
-import multiprocessing
 import os
 import shutil
 import sys
@@ -43,7 +42,7 @@ from enrich_server.dropfiles import (
     apply_file,
     process_directory,
 )
-from enrich_server.errors import ConfigError, EnrichError, SnapshotError, StoreError
+from enrich_server.errors import ConfigError, EnrichError, SnapshotError
 from enrich_server.keys import NAMESPACES, parse_key
 from enrich_server.log import redacted, setup_logging
 from enrich_server.metrics import MULTIPROC_ENV
@@ -265,30 +264,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _ingestion_process(config: Config) -> Iterator[str | None]:
-    """Run the ingestion process (``ingestd``) while the block runs, when platforms are
-    configured; yields its socket path. Fails clearly when it cannot start."""
+    """Run the ingestion process (``ingestd``, supervised) while the block runs, when
+    platforms are configured; yields its socket path. Fails clearly when it cannot start."""
     if not config.platforms:
         yield None
         return
     folder = Path(tempfile.mkdtemp(prefix="enrich-server-ingest-"))
-    socket_path = str(folder / "ingest.sock")
-    context = multiprocessing.get_context("spawn")
-    ready = context.Event()
-    process = context.Process(
-        target=ingestd.run,
-        args=(to_json(config), socket_path, os.getpid(), ready),
-        name="enrich-ingest",
-        daemon=True,
-    )
-    process.start()
+    supervisor = ingestd.Supervisor(config, str(folder / "ingest.sock"))
     try:
-        while not ready.wait(0.1):
-            if not process.is_alive():
-                raise StoreError("the ingestion process could not start (see its log line)")
-        yield socket_path
+        supervisor.start()
+        yield supervisor.socket_path
     finally:
-        process.terminate()
-        process.join(10)
+        supervisor.stop()
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -18,10 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
+import multiprocessing.process
 import os
 import signal
 import struct
 import sys
+import threading
 from collections.abc import Callable
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -47,6 +50,8 @@ _ENCODER: Final = msgspec.msgpack.Encoder()
 _DECODER: Final = msgspec.msgpack.Decoder()
 #: How often the process checks that ``serve`` is still its parent.
 PARENT_CHECK_SECONDS: Final = 0.5
+#: How long a dead ingestion process stays dead before ``Supervisor`` starts another.
+RESTART_SECONDS: Final = 1.0
 #: Frames above this are refused: the largest ingestion body plus room for the envelope.
 _FRAME_SLACK: Final = 4096
 
@@ -90,10 +95,17 @@ class IngestClient:
                 reader, writer = self._idle.pop()
             else:
                 reader, writer = await asyncio.open_unix_connection(self._path, limit=self._limit)
+        except OSError as exc:
+            raise StoreError(f"the ingestion process is not reachable: {exc}") from None
+        try:
             writer.write(frame([op, *args]))
             reply = await read_frame(reader, self._limit)
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            writer.close()
             raise StoreError(f"the ingestion process is not reachable: {exc}") from None
+        except BaseException:  # cancelled mid-call: the connection's state is unknown
+            writer.close()
+            raise
         self._idle.append((reader, writer))
         if reply[0] == "ok":
             return reply[1]
@@ -227,3 +239,69 @@ def run(config_json: bytes, socket_path: str, parent: int, ready: Event) -> None
     except StoreError as exc:
         log.error("ingestion process cannot start", extra={"error": str(exc)})
         sys.exit(1)
+
+
+class Supervisor:
+    """``serve``'s side: starts the ingestion process, restarts it if it dies, stops it.
+
+    ``start`` returns once the process serves its socket (or raises ``StoreError`` when it
+    cannot start at all); a process that dies later is restarted after ``RESTART_SECONDS``,
+    and meanwhile DMP writes answer 503.
+    """
+
+    def __init__(self, config: Config, socket_path: str) -> None:
+        self._config_json = config_module.to_json(config)
+        self.socket_path = socket_path
+        self._context = multiprocessing.get_context("spawn")
+        self._stopping = threading.Event()
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._watcher = threading.Thread(target=self._watch, name="ingest-supervisor", daemon=True)
+
+    def start(self) -> None:
+        """Start the process and wait until it is ready."""
+        self._spawn()
+        self._watcher.start()
+
+    def _spawn(self) -> None:
+        Path(self.socket_path).unlink(missing_ok=True)
+        ready = self._context.Event()
+        process = self._context.Process(
+            target=run,
+            args=(self._config_json, self.socket_path, os.getpid(), ready),
+            name="enrich-ingest",
+            daemon=True,
+        )
+        process.start()
+        while not ready.wait(0.1):
+            if not process.is_alive():
+                raise StoreError("the ingestion process could not start (see its log line)")
+        self._process = process
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            process = self._process
+            if process is None:
+                return
+            process.join(0.5)
+            if process.is_alive() or self._stopping.is_set():
+                continue
+            log.error(
+                "ingestion process exited; restarting it",
+                extra={"pid": process.pid, "exitcode": process.exitcode},
+            )
+            self._stopping.wait(RESTART_SECONDS)
+            if self._stopping.is_set():
+                return
+            try:
+                self._spawn()
+            except StoreError as exc:
+                log.error("ingestion process restart failed", extra={"error": str(exc)})
+
+    def stop(self) -> None:
+        """Stop the process (its queued writes commit first) and the watcher."""
+        self._stopping.set()
+        if self._process is not None:
+            self._process.terminate()
+            self._process.join(10)
+        if self._watcher.is_alive():
+            self._watcher.join(5)

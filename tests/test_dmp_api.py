@@ -480,3 +480,26 @@ def test_ingestion_follows_a_replaced_store(store: Path, config: Path, tmp_path:
         assert follower.memberships(b"uid:after") == {"kept": 0}
     finally:
         follower.close()
+
+
+def test_a_dead_ingestion_process_is_restarted(server: RunningServer) -> None:
+    pids = [
+        json.loads(line)["pid"]
+        for line in server.log().splitlines()
+        if '"ingestion process ready"' in line
+    ]
+    os.kill(pids[0], 9)
+    with httpx.Client(base_url=server.url, auth=MAPP) as client:
+        statuses = []
+        deadline = time.monotonic() + 10
+        while True:
+            answer = client.post("/v1/segment", params={"title": "After a crash"})
+            statuses.append(answer.status_code)
+            if answer.status_code == 200:
+                break
+            assert answer.status_code == 503, answer.text  # said plainly while it is down
+            assert time.monotonic() < deadline, statuses
+            time.sleep(0.1)
+        assert client.get("/v1/segment").json()["segments"][0]["title"] == "After a crash"
+    assert '"ingestion process exited; restarting it"' in server.log()
+    assert server.log().count('"ingestion process ready"') == 2
