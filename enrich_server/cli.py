@@ -352,7 +352,14 @@ def _lookup(args: argparse.Namespace) -> int:
                 name: {"expires": exp or None, "expired": bool(exp and exp <= now)}
                 for name, exp in (found or {}).items()
             }
-            line = {"key": key.decode(), "found": found is not None, "segments": segments}
+            line: dict[str, object] = {
+                "key": key.decode(),
+                "found": found is not None,
+                "segments": segments,
+            }
+            synced = store.alias_of(key)
+            if synced is not None:  # served with the segments of our user it was synced to
+                line["synced_to"] = synced.decode()
             print(msgspec.json.encode(line).decode())
     finally:
         store.close()

@@ -222,7 +222,6 @@ class SegmentStore:
             raise StoreError(f"{path} is not an enrich-server store of format {FORMAT.decode()}")
         self._aliases = dmp[_ALIASES]
         self._dmp_segments = dmp[_DMP_SEGMENTS]
-        self._applied_files = dmp[_APPLIED_FILES]
         #: Whether ``resolve`` must look ids up in ``aliases``: off (free) until one exists.
         self.has_aliases = False
         self.refresh()
@@ -242,7 +241,6 @@ class SegmentStore:
             try:
                 self._aliases = self._optional_db(_ALIASES)
                 self._dmp_segments = self._optional_db(_DMP_SEGMENTS)
-                self._applied_files = self._optional_db(_APPLIED_FILES)
             except lmdb.Error:
                 return
         if self._aliases is not None and not self.has_aliases:
@@ -364,12 +362,14 @@ class SegmentStore:
                 out.append(key)
         return keys if out is None else out
 
-    def alias(self, their: bytes) -> bytes | None:
-        """Our user id for a platform's synced user id, if any."""
-        if self._aliases is None:
+    def alias_of(self, key: bytes) -> bytes | None:
+        """Our ``uid:`` key that a ``uid:``/``eid:`` key's id was synced to (``/uid``), if any."""
+        their = _alias_id(key)
+        if self._aliases is None or their is None:
             return None
         with self._env.begin() as txn:
-            return txn.get(their, db=self._aliases)
+            ours = txn.get(their, db=self._aliases)
+        return None if ours is None else _UID_PREFIX + ours
 
     def dmp_segments(self, platform: int | None = None) -> list[DmpSegment]:
         """The segments DMPs created (one platform's when given), by id."""
@@ -394,13 +394,6 @@ class SegmentStore:
             if raw is None:
                 return None
             return _dmp_segment(sid, raw, txn.get(packed, db=self._names_db))
-
-    def applied_file(self, name: str) -> bytes | None:
-        """The record of a drop file already applied (JSON), or ``None``."""
-        if self._applied_files is None:
-            return None
-        with self._env.begin() as txn:
-            return txn.get(name.encode(), db=self._applied_files)
 
     def memberships(self, key: bytes) -> dict[str, int] | None:
         """All memberships of ``key`` (expired ones included) as ``{segment: expires}``."""

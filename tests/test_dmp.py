@@ -144,7 +144,10 @@ def test_aliases_resolve_only_once_one_exists(store: Path) -> None:
         opened.refresh()
         assert opened.has_aliases
         assert opened.resolve(keys, 0, 10).segments_json == [b'"synced"']
-        assert opened.alias(b"theirs2") == b"ours"
+        assert opened.alias_of(b"eid:src:theirs2") == b"uid:ours"
+        assert opened.alias_of(b"uid:theirs2") == b"uid:ours"
+        assert opened.alias_of(b"uid:nobody") is None
+        assert opened.alias_of(b"domain:theirs2") is None
     finally:
         opened.close()
 
@@ -153,7 +156,7 @@ def test_read_only_store_has_no_writer(store: Path) -> None:
     opened = SegmentStore(store)
     try:
         assert opened.dmp_segments() == []
-        assert opened.alias(b"x") is None
+        assert opened.alias_of(b"uid:x") is None
         with pytest.raises(Exception, match="read-only"):
             opened.writer()
     finally:

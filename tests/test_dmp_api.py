@@ -503,3 +503,15 @@ def test_a_dead_ingestion_process_is_restarted(server: RunningServer) -> None:
         assert client.get("/v1/segment").json()["segments"][0]["title"] == "After a crash"
     assert '"ingestion process exited; restarting it"' in server.log()
     assert server.log().count('"ingestion process ready"') == 2
+
+
+def test_lookup_shows_synced_ids(server: RunningServer, store: Path) -> None:
+    with httpx.Client(base_url=server.url) as client:
+        cookie = {"cookie": "enrich_uid=AAAAAAAAAAAAAAAAAAAAAA"}
+        params = {"userid": "IDX-7", "pl": 5, "plsec": "idxsec"}
+        assert client.get("/uid", params=params, headers=cookie).status_code == 200
+    lookup = subprocess.run(
+        [sys.executable, "-m", "enrich_server", "lookup", "--store", str(store), "uid:IDX-7"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    assert json.loads(lookup.stdout)["synced_to"] == "uid:AAAAAAAAAAAAAAAAAAAAAA"
