@@ -508,7 +508,7 @@ def test_a_dead_ingestion_process_is_restarted(server: RunningServer) -> None:
 def test_lookup_shows_synced_ids(server: RunningServer, store: Path) -> None:
     with httpx.Client(base_url=server.url) as client:
         cookie = {"cookie": "enrich_uid=AAAAAAAAAAAAAAAAAAAAAA"}
-        params = {"userid": "IDX-7", "pl": 5, "plsec": "idxsec"}
+        params: dict[str, str | int] = {"userid": "IDX-7", "pl": 5, "plsec": "idxsec"}
         assert client.get("/uid", params=params, headers=cookie).status_code == 200
     lookup = subprocess.run(
         [sys.executable, "-m", "enrich_server", "lookup", "--store", str(store), "uid:IDX-7"],
