@@ -3,7 +3,7 @@
 ``enrich-server serve --workers N`` (``--workers``, 1 by default) with a DMP platform
 configured, on a copy of the synthetic store. As in ``bench.load``, the processes serving
 ``/enrich`` run on CPU 0 (``--server-cpus``) and the load generators and pushing clients on
-the other CPU; the ingestion process, niced, is left to the scheduler. Each round, every
+the other CPU; the ingestion process (SCHED_IDLE) is left to the scheduler. Each round, every
 loop bounded in time:
 
 1. ``/enrich`` saturated rate with ``wrk`` (no ingestion): the reference rate S;
@@ -86,7 +86,7 @@ def serving(
     """``enrich-server serve`` on a free port until the block ends; yields the port.
 
     With ``cpus``, the processes serving ``/enrich`` (the workers, and the main process) are
-    pinned to those CPUs once they run; the ingestion process (niced, a background job)
+    pinned to those CPUs once they run; the ingestion process (SCHED_IDLE, background)
     is left free to run wherever a CPU is idle.
     """
     port = free_port()
@@ -101,12 +101,18 @@ def serving(
         wait_until_ready(f"http://127.0.0.1:{port}", process, log, 60.0)
         if cpus is not None:
             for pid in [process.pid, *_children(process.pid)]:
-                if os.getpriority(os.PRIO_PROCESS, pid) == 0:  # not the niced ingestion one
+                if _serving(pid):
                     for thread in os.listdir(f"/proc/{pid}/task"):
                         os.sched_setaffinity(int(thread), cpus)
         yield port
     finally:
         stop(process)
+
+
+def _serving(pid: int) -> bool:
+    """Not the ingestion process (that one is SCHED_IDLE, or niced)."""
+    idle = os.sched_getscheduler(pid) == os.SCHED_IDLE
+    return not idle and os.getpriority(os.PRIO_PROCESS, pid) == 0
 
 
 def _children(pid: int) -> list[int]:
@@ -273,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "--server-cpus",
         default="0",
         help="CPUs of the processes serving /enrich (comma-separated); the load generators "
-        "and pushing clients get the others, the niced ingestion process any "
+        "and pushing clients get the others, the ingestion process any "
         "(default 0; 'all' = no pinning)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -190,8 +190,11 @@ class DmpConfig:
     )
     max_batch: int = _opt(10000, "most items in one micro-batch", _positive)
     max_body: int = _opt(4194304, "largest ingestion request body (bytes)", _positive)
+    writer_idle: bool = _opt(
+        True, "run the ingestion process as SCHED_IDLE: only on CPU time the workers leave"
+    )
     writer_nice: int = _opt(
-        10, "niceness of the ingestion process: serving workers preempt it (0-19)", _nice
+        10, "niceness of the ingestion process when writer_idle is off (0-19)", _nice
     )
 
 

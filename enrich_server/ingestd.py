@@ -1,12 +1,12 @@
 """The ingestion process: the one writer of DMP mutations, beside the serving workers.
 
 ``serve`` starts it when ``[[platform]]`` tables are configured. The workers answer the
-DMP API over HTTP but hand every write to this process over a Unix socket, so the hot path
-shares neither a GIL nor CPU priority with ingestion: this process runs niced
-(``[dmp] writer_nice``), its decoding, validation and LMDB work preempted by any worker
-that has a request to answer. One process also means one LMDB writer: no lock ping-pong
-between workers, and the group commit of ``writes.WriteQueue`` gathers every worker's
-batches into shared fsyncs. A reply is sent only after the commit.
+DMP API over HTTP but hand every write to this process over a Unix socket, so the hot
+path shares neither a GIL nor CPU priority with ingestion: this process runs as
+``SCHED_IDLE`` (``[dmp] writer_idle``; else niced), its decoding, validation and LMDB work
+preempted by any worker that has a request to answer. One process also means one LMDB
+writer: no lock ping-pong between workers, and the group commit of ``writes.WriteQueue``
+gathers every worker's batches into shared fsyncs. A reply is sent only after the commit.
 
 Protocol: frames of a 4-byte big-endian length and a msgpack body. A request is
 ``[op, args...]``; the reply ``["ok", result]`` or ``["error", kind, message, problems]``.
@@ -233,7 +233,11 @@ def run(config_json: bytes, socket_path: str, parent: int, ready: Event) -> None
     """Entry point of the ingestion process (``multiprocessing``, spawn)."""
     config = config_module.from_json(config_json)
     setup_logging(config.server.log_level)
-    os.nice(config.dmp.writer_nice)
+    if config.dmp.writer_idle:
+        # Any runnable worker preempts a SCHED_IDLE task at once (nice only lowers weight).
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    else:
+        os.nice(config.dmp.writer_nice)
     try:
         uvloop.run(_serve(config, socket_path, parent, ready))
     except StoreError as exc:
