@@ -60,10 +60,16 @@ from enrich_server.store import (
     store_dir,
 )
 
-#: Input bytes a worker parses at a time.
+#: Input bytes a worker parses at a time, at most (fewer when that leaves a worker idle).
 CHUNK_BYTES: Final = 16 << 20
-#: Input bytes per key range, the unit sorted in memory by one worker.
+#: Input bytes per key range, the unit sorted in memory by one worker, at most.
 RANGE_BYTES: Final = 32 << 20
+#: Chunks and key ranges per worker, at least: enough that none waits long for the last one.
+_PIECES_PER_WORKER: Final = 8
+#: Free bytes under which a failed write is put down to a full disk.
+_NEARLY_FULL: Final = 1 << 20
+#: A build whose file is bigger than its pages in use times this is compacted.
+_MOSTLY_USED: Final = 1.25
 _SAMPLES_PER_RANGE: Final = 64
 _PAIRS: Final = msgspec.msgpack.Decoder(list[tuple[bytes, bytes]])
 _GZIP_MAGIC: Final = b"\x1f\x8b"
@@ -81,15 +87,15 @@ def _is_gzip(path: Path) -> bool:
         return source.read(2) == _GZIP_MAGIC
 
 
-def _chunks(paths: Sequence[Path]) -> Iterator[Chunk | _Unreadable]:
-    """The snapshots cut at line ends into chunks of about ``CHUNK_BYTES``."""
+def _chunks(paths: Sequence[Path], chunk_bytes: int) -> Iterator[Chunk | _Unreadable]:
+    """The snapshots cut at line ends into chunks of about ``chunk_bytes``."""
     index = before = 0
     for number, path in enumerate(paths):
         size = path.stat().st_size
         if _is_gzip(path):
             try:
                 with path.open("rb") as raw, gzip.GzipFile(fileobj=raw) as source:
-                    while data := source.read(CHUNK_BYTES):
+                    while data := source.read(chunk_bytes):
                         data += source.readline()
                         yield Chunk(index, number, str(path), 0, 0, before + raw.tell(), data)
                         index += 1
@@ -99,7 +105,7 @@ def _chunks(paths: Sequence[Path]) -> Iterator[Chunk | _Unreadable]:
             start = 0
             with path.open("rb") as source:
                 while start < size:
-                    source.seek(min(start + CHUNK_BYTES, size))
+                    source.seek(min(start + chunk_bytes, size))
                     source.readline()
                     end = min(source.tell(), size)
                     yield Chunk(index, number, str(path), start, end - start, before + end)
@@ -167,10 +173,17 @@ def _append(
     txn.cursor(db=db).putmulti(pairs, append=True)
 
 
-def _disk_full(exc: BaseException) -> bool:
-    if isinstance(exc, OSError):
-        return exc.errno == errno.ENOSPC
-    return isinstance(exc, lmdb.Error) and os.strerror(errno.ENOSPC) in str(exc)
+def _disk_full(exc: BaseException, building: Path) -> bool:
+    """Whether ``exc`` comes of a full disk: ENOSPC, or any write error while the disk
+    has (almost) no space left (LMDB reports a short write as a plain I/O error)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    if not isinstance(exc, OSError | lmdb.Error):
+        return False
+    try:
+        return shutil.disk_usage(building).free < _NEARLY_FULL
+    except OSError:
+        return False
 
 
 def _copy_store(live: Path | None, build: Path, map_size: int) -> None:
@@ -225,6 +238,7 @@ def build(
         job = _Build(paths, building, workers or len(os.sched_getaffinity(0)), map_size)
         report = job.run(progress)
         job.close()
+        _compact(building, map_size)
         if live is None:
             if root.exists():
                 root.rmdir()  # an empty directory the operator made for us
@@ -234,10 +248,11 @@ def build(
             remove_unused(root)
         return report
     except BaseException as exc:
+        full = _disk_full(exc, building)  # before the clean-up frees the space again
         if job is not None:
             job.close(failed=True)
         shutil.rmtree(building, ignore_errors=True)
-        if _disk_full(exc):
+        if full:
             raise StoreError(
                 f"no space left on the disk holding {root} while building; the store was not "
                 f"changed and the partial build was removed ({exc})"
@@ -258,7 +273,9 @@ class _Build:
         self.spill = building / "spill"
         self.spill.mkdir()
         self.total = sum(p.stat().st_size for p in paths)
-        bounds, segments = _sample(paths, max(1, -(-self.total // RANGE_BYTES)))
+        pieces = workers * _PIECES_PER_WORKER
+        self.chunk_bytes = min(CHUNK_BYTES, max(self.total // pieces, 1 << 20))
+        bounds, segments = _sample(paths, max(pieces, -(-self.total // RANGE_BYTES)))
         self.ranges = len(bounds) + 1
         # The sample's segments interned up front spare the workers most first sightings
         # (each one a slow-path line and a write transaction).
@@ -332,7 +349,9 @@ class _Build:
         line_of_file = [0] * len(self.paths)
         spans: list[list[tuple[str, int, int]]] = [[] for _ in range(self.ranges)]
         line_records: set[int] = set()
-        for item in _ordered(pool, bulk_worker.parse, _chunks(self.paths), 2 * self.workers):
+        for item in _ordered(
+            pool, bulk_worker.parse, _chunks(self.paths, self.chunk_bytes), 2 * self.workers
+        ):
             if isinstance(item, _Unreadable):
                 at = line_of_file[item.file] + 1
                 problems.append(f"{self.paths[item.file]}:{at}: unreadable: {item.error}")
@@ -360,3 +379,28 @@ class _Build:
         if bar is not None:
             bar.finish(lines)
         return spans, line_records, LoadReport(lines, added, 0), records
+
+
+def _compact(building: Path, map_size: int) -> None:
+    """Rewrite the build without its free pages when they are many: the workers' small
+    commits interning segments can leave megabytes behind, which weigh on a small store.
+    Only this process has the environment open by now."""
+    env = lmdb.open(str(building), map_size=map_size, max_dbs=_MAX_DBS)
+    try:
+        with env.begin() as txn:
+            stats = [
+                txn.stat(env.open_db(bytes(name), txn=txn, create=False))
+                for name, _ in txn.cursor()
+            ]
+        stats.append(env.stat())  # the main database, naming the others
+        used = 2 + sum(s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"] for s in stats)
+        if env.info()["last_pgno"] + 1 < used * _MOSTLY_USED:
+            return
+        compacted = building / "compacted"
+        compacted.mkdir()
+        env.copy(str(compacted), compact=True)
+    finally:
+        env.close()
+    (compacted / DATA_FILE).replace(building / DATA_FILE)
+    (building / "lock.mdb").unlink(missing_ok=True)  # of the file just replaced
+    compacted.rmdir()

@@ -114,15 +114,18 @@ class Worker:
                     parse_line(f"uid:x\t{text}")
                     self.encoded[text] = VALUE_ENCODER.encode(_SEGMENT_ID.unpack(packed)[0])
 
-    def intern(self, name: str) -> bytes:
-        """The msgpack id of segment ``name``, interned in the build when new."""
-        found = self.encoded.get(name)
-        if found is None:
-            sid = write_txn(
-                self.env, lambda txn: intern_segment(txn, self.ids_db, self.names_db, name)
+    def intern(self, names: list[str]) -> list[bytes]:
+        """The msgpack ids of segments ``names``, the new ones interned in the build (in one
+        transaction: each commit leaves pages behind)."""
+        new = [name for name in dict.fromkeys(names) if name not in self.encoded]
+        if new:
+            sids = write_txn(
+                self.env,
+                lambda txn: [intern_segment(txn, self.ids_db, self.names_db, n) for n in new],
             )
-            found = self.encoded[name] = VALUE_ENCODER.encode(sid)
-        return found
+            for name, sid in zip(new, sids, strict=True):
+                self.encoded[name] = VALUE_ENCODER.encode(sid)
+        return [self.encoded[name] for name in names]
 
     def segment_ids(self, names: list[str]) -> list[int | None]:
         """Ids of ``names`` as interned in the build (``None`` for unknown names)."""
@@ -228,7 +231,7 @@ class Worker:
             return None  # keep validating, stop building: nothing will be published
         if snapshot_line.add:
             parsed.added += 1
-        ids = [self.intern(name) for name in snapshot_line.add]
+        ids = self.intern(snapshot_line.add)
         if snapshot_line.remove:
             record = (snapshot_line.expires, snapshot_line.add, snapshot_line.remove)
             return snapshot_line.key, LINE_RECORD + VALUE_ENCODER.encode(record)
