@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help venv run test lint typecheck pytest example-store bench bench-quick bench-micro \
+.PHONY: help venv run test lint typecheck pytest example-store bench bench-quick bench-micro bench-store \
 	bench-deps test-deps debian-packages clean
 
 help: ## list the targets
@@ -62,6 +62,9 @@ bench-quick: $(STAMP) bench-deps ## the same, shorter (< 2 min)
 
 bench-micro: $(STAMP) ## in-process app work per request (decode + lookups + encode), 1M-identity store
 	$(BIN)/python -m bench.micro
+
+bench-store: $(STAMP) bench-deps ## the store at 10k/1M/10M identities: build, size, lookups, worker RSS, /enrich (~15 min, ~2 GB)
+	$(BIN)/python -m bench.store --profile full
 
 .PHONY: bench-ingest
 bench-ingest: $(STAMP) bench-deps ## DMP micro-batches pushed beside /enrich open-loop load (~3 min)

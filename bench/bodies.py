@@ -47,21 +47,33 @@ def _synthetic(key: str, rng: random.Random, templates: dict[str, Any]) -> dict[
     return request
 
 
+def synthetic_bodies(keys: list[str], count: int, rng: random.Random) -> list[str]:
+    """``count`` Index-shaped request bodies (compact JSON), about 80 % of them carrying one of
+    ``keys`` (in turn) and the rest an identity no store holds."""
+    templates = {
+        name: json.loads((SAMPLES_DIR / f"{name}.json").read_text()) for name in ("app", "web")
+    }
+    return [
+        json.dumps(
+            _synthetic(
+                keys[n % len(keys)] if rng.random() < 0.8 else f"uid:absent-{n}", rng, templates
+            ),
+            separators=(",", ":"),
+        )
+        for n in range(count)
+    ]
+
+
 def write_bodies(path: Path, identities: int, synthetic: int = 700, seed: int = 7) -> int:
     """Write the bodies file: every valid corpus request, then ``synthetic`` Index-shaped ones
     (about 80 % carrying a store identity). Returns how many bodies were written."""
     rng = random.Random(seed)
-    templates = {
-        name: json.loads((SAMPLES_DIR / f"{name}.json").read_text()) for name in ("app", "web")
-    }
     lines = [
         json.dumps(json.loads(file.read_bytes()), separators=(",", ":"))
         for file in sorted((CORPUS / "valid").glob("*.json"))
     ]
     keys = sample_keys(identities, min(identities, synthetic))
-    for n in range(synthetic):
-        key = keys[n % len(keys)] if rng.random() < 0.8 else f"uid:absent-{n}"
-        lines.append(json.dumps(_synthetic(key, rng, templates), separators=(",", ":")))
+    lines += synthetic_bodies(keys, synthetic, rng)
     rng.shuffle(lines)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

@@ -82,6 +82,27 @@ def test_locust_scenario_runs_headless(tmp_path: Path) -> None:
     assert int(enrich["Failure Count"]) == 0
 
 
+def test_store_bench_smoke_profile_writes_results(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.store", "--profile", "smoke", "--out", str(out),
+         "--cache", str(tmp_path / "cache")],
+        capture_output=True, text=True, check=False, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "store-smoke.json").read_text())
+    assert set(report["sizes"]) == {"2000", "20000"}
+    for row in report["sizes"].values():
+        assert row["build_identities_per_s"] > 0
+        assert row["bytes_per_membership"] > 0
+        assert 0 < row["lookup_p50_us"] <= row["lookup_p99_us"]
+        assert row["enrich_rps"] > 0
+        assert row["worker_rss_anon_bytes"] > 0
+        assert row["worker_rss_file_bytes"] > 0
+    assert report["enrich_rps_largest_over_smallest"] > 0
+    assert "| 20,000 |" in (out / "store-smoke.md").read_text()
+
+
 def test_ingest_bench_smoke_profile_writes_results(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bench.ingest", "--profile", "smoke", "--out", str(tmp_path)],
