@@ -16,6 +16,7 @@ import pytest
 
 from bench.synth import snapshot_lines
 from enrich_server import bulk, bulk_worker
+from enrich_server.cli import main
 from enrich_server.errors import SnapshotError, StoreError
 from enrich_server.snapshot import export_lines, load_snapshots, parse_line
 from enrich_server.store import SegmentStore
@@ -136,15 +137,18 @@ def test_bulk_build_grows_a_full_map(tmp_path: Path) -> None:
     assert _items(store)[b"uid:a"] == {"x": 3000000000, "y": 2000000000}
 
 
-def test_delta_after_replace_goes_to_the_current_generation(tmp_path: Path) -> None:
+def test_delta_and_compact_after_replace_go_to_the_current_generation(tmp_path: Path) -> None:
     store = tmp_path / "store"
     load_snapshots([_write(tmp_path / "0.tsv", "uid:old\tx\n")], store, progress=False)
     load_snapshots([_write(tmp_path / "1.tsv", "uid:a\tx,y\n")], store, True, False)
-    load_snapshots([_write(tmp_path / "2.tsv", "uid:a\t-y,z\nuid:b\tx\n")], store, False, False)
+    delta = "uid:a\t-y,z\nuid:b\tx\nuid:c\tgone\t1000\n"  # uid:c expired long ago
+    load_snapshots([_write(tmp_path / "2.tsv", delta)], store, False, False)
     assert os.readlink(store / "current") == "gen-000001"
+    assert _items(store)[b"uid:a"] == {"x": 0, "z": 0}
+    assert main(["compact", "--store", str(store)]) == 0
     assert _items(store) == {b"uid:a": {"x": 0, "z": 0}, b"uid:b": {"x": 0}}
     reader = SegmentStore(store)
-    assert reader.generation() == 3  # first load, replace, delta
+    assert reader.generation() == 4  # first load, replace, delta, compact
     reader.close()
 
 
