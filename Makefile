@@ -67,8 +67,9 @@ bench-store: $(STAMP) bench-deps ## the store at 10k/1M/10M identities: build, s
 	$(BIN)/python -m bench.store --profile full
 
 .PHONY: bench-ingest
-bench-ingest: $(STAMP) bench-deps ## DMP micro-batches pushed beside /enrich open-loop load (~3 min)
-	$(BIN)/python -m bench.ingest --profile full
+bench-ingest: $(STAMP) bench-deps ## DMP micro-batches pushed beside /enrich open-loop load, both durabilities (~5 min)
+	$(BIN)/python -m bench.ingest --profile full --durability fsync
+	$(BIN)/python -m bench.ingest --profile full --durability os
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench/.cache

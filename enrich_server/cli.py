@@ -502,7 +502,7 @@ def _ingest(args: argparse.Namespace) -> int:
     config = load_config(args.config, os.environ)
     setup_logging(config.server.log_level)
     platforms = {p.id: p for p in config.platforms}
-    if not (args.store / DATA_FILE).is_file():
+    if not (store_dir(args.store) / DATA_FILE).is_file():
         SegmentStore(args.store)  # raises the usual "no segment store" error
 
     def write(job: Callable[[StoreWriter], FileResult]) -> FileResult:

@@ -83,6 +83,13 @@ def _log_level(value: str) -> str | None:
     return None if value in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}"
 
 
+DURABILITY: Final = ("fsync", "os")
+
+
+def _durability(value: str) -> str | None:
+    return None if value in DURABILITY else f"must be one of {', '.join(DURABILITY)}"
+
+
 def _nice(value: int) -> str | None:
     return None if 0 <= value <= 19 else "must be between 0 and 19"
 
@@ -190,6 +197,12 @@ class DmpConfig:
     )
     max_batch: int = _opt(10000, "most items in one micro-batch", _positive)
     max_body: int = _opt(4194304, "largest ingestion request body (bytes)", _positive)
+    durability: str = _opt(
+        "fsync",
+        "fsync: every commit on disk before its 2xx (survives power loss); os: handed to the "
+        "OS before the 2xx (survives any crash of enrich-server), flushed every second",
+        _durability,
+    )
     writer_idle: bool = _opt(
         True, "run the ingestion process as SCHED_IDLE: only on CPU time the workers leave"
     )

@@ -125,7 +125,9 @@ def remove_unused(root: Path) -> list[str]:
     return removed
 
 
-def open_current(root: Path, writable: bool = False) -> tuple[SegmentStore, Lease]:
+def open_current(
+    root: Path, writable: bool = False, sync: bool = True
+) -> tuple[SegmentStore, Lease]:
     """Open the store's current environment with a shared lease on its directory."""
     for _ in range(10):
         directory = store_dir(root)
@@ -137,7 +139,7 @@ def open_current(root: Path, writable: bool = False) -> tuple[SegmentStore, Leas
             lease.release()
             continue
         try:
-            return SegmentStore(directory, writable=writable), lease
+            return SegmentStore(directory, writable=writable, sync=sync), lease
         except BaseException:
             lease.release()
             raise
@@ -152,10 +154,11 @@ class StoreFollower:
     and only ``swap`` on the event loop, between requests.
     """
 
-    def __init__(self, root: Path, writable: bool = False) -> None:
+    def __init__(self, root: Path, writable: bool = False, sync: bool = True) -> None:
         self.root = root
         self.writable = writable
-        self.store, self._lease = open_current(root, writable)
+        self.sync = sync
+        self.store, self._lease = open_current(root, writable, sync)
 
     def changed(self) -> bool:
         """Whether ``current`` names another generation than the one served."""
@@ -164,7 +167,7 @@ class StoreFollower:
     def open_next(self) -> tuple[SegmentStore, Lease] | None:
         """The current generation, opened and warmed; ``None`` if it cannot be yet."""
         try:
-            store, lease = open_current(self.root, self.writable)
+            store, lease = open_current(self.root, self.writable, self.sync)
         except StoreError as exc:
             log.warning("new store generation not opened yet", extra={"error": str(exc)})
             return None

@@ -30,6 +30,7 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any, Final
 
+import lmdb
 import msgspec
 import uvloop
 
@@ -50,6 +51,8 @@ _ENCODER: Final = msgspec.msgpack.Encoder()
 _DECODER: Final = msgspec.msgpack.Decoder()
 #: How often the process checks that ``serve`` is still its parent.
 PARENT_CHECK_SECONDS: Final = 0.5
+#: With ``[dmp] durability = "os"``, how often committed writes are forced to disk.
+FLUSH_SECONDS: Final = 1.0
 #: How long a dead ingestion process stays dead before ``Supervisor`` starts another.
 RESTART_SECONDS: Final = 1.0
 #: Frames above this are refused: the largest ingestion body plus room for the envelope.
@@ -180,7 +183,8 @@ async def _serve(config: Config, socket_path: str, parent: int, ready: Event) ->
     root = Path(config.server.store)
     # The store follows replaces like the workers' does: checked before each transaction,
     # and again once it holds the write lock (a replace published meanwhile retries it).
-    follower = StoreFollower(root, writable=True)
+    fsync = config.dmp.durability == "fsync"
+    follower = StoreFollower(root, writable=True, sync=fsync)
 
     def current() -> SegmentStore:
         follower.refresh()
@@ -218,15 +222,28 @@ async def _serve(config: Config, socket_path: str, parent: int, ready: Event) ->
         loop.add_signal_handler(sig, stopping.set)
     ready.set()
     log.info("ingestion process ready", extra={"pid": os.getpid(), "store": str(root)})
+    flushed = loop.time()
     try:
         while not stopping.is_set() and os.getppid() == parent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), PARENT_CHECK_SECONDS)
+            if not fsync and loop.time() - flushed >= FLUSH_SECONDS:
+                flushed = loop.time()
+                await asyncio.to_thread(_flush, follower)
     finally:
         server.close()
         queue.close()  # finishes what was queued: those writes commit
+        if not fsync:
+            _flush(follower)
         follower.close()
         log.info("ingestion process stopped", extra={"pid": os.getpid()})
+
+
+def _flush(follower: StoreFollower) -> None:
+    """``durability = "os"``: put the commits of the last second on disk."""
+    # A store swapped for a new generation meanwhile is closed: that one flushes next time.
+    with contextlib.suppress(lmdb.Error):
+        follower.store.flush()
 
 
 def run(config_json: bytes, socket_path: str, parent: int, ready: Event) -> None:

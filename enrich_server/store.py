@@ -189,7 +189,7 @@ class SegmentStore:
     """A process's view of a store: reads, and with ``writable`` (the ingestion process) the
     environment its writes go through (py-lmdb opens an environment once per process)."""
 
-    def __init__(self, path: Path, writable: bool = False) -> None:
+    def __init__(self, path: Path, writable: bool = False, sync: bool = True) -> None:
         self.path = path
         #: Where the environment is: ``path``, or the generation ``path/current`` names.
         self.directory = store_dir(path)
@@ -199,6 +199,7 @@ class SegmentStore:
             self._env = lmdb.open(
                 str(self.directory),
                 readonly=not writable,
+                sync=sync,
                 map_size=DEFAULT_MAP_SIZE if writable else 0,
                 max_dbs=_MAX_DBS,
                 max_spare_txns=1,
@@ -246,6 +247,10 @@ class SegmentStore:
         if self._aliases is not None and not self.has_aliases:
             with self._env.begin() as txn:
                 self.has_aliases = txn.stat(self._aliases)["entries"] > 0
+
+    def flush(self) -> None:
+        """Force what was committed to disk (for a store opened with ``sync=False``)."""
+        self._env.sync(True)
 
     def writer(self) -> StoreWriter:
         """A write session on this process's environment (``writable`` stores only)."""

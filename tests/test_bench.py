@@ -109,7 +109,7 @@ def test_ingest_bench_smoke_profile_writes_results(tmp_path: Path) -> None:
         capture_output=True, text=True, check=False, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads((tmp_path / "ingest-smoke.json").read_text())
+    report = json.loads((tmp_path / "ingest-smoke-fsync.json").read_text())
     median = report["median"]
     assert median["ingest_alone_mps"] > 0
     assert median["ingest_beside_mps"] > 0
@@ -117,4 +117,4 @@ def test_ingest_bench_smoke_profile_writes_results(tmp_path: Path) -> None:
     assert median["enrich_errors_with_ingest"] == 0
     assert median["p99_ms_without_ingest"] > 0
     assert median["p99_ms_with_ingest"] > 0
-    assert "ingest_beside_mps" in (tmp_path / "ingest-smoke.md").read_text()
+    assert "ingest_beside_mps" in (tmp_path / "ingest-smoke-fsync.md").read_text()

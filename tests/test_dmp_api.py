@@ -368,8 +368,12 @@ def test_openapi_describes_the_api(server: RunningServer) -> None:
             conforms("Segment", segment)
 
 
-def test_acknowledged_batch_survives_kill_9(store: Path, config: Path) -> None:
+@pytest.mark.parametrize("durability", ["fsync", "os"])
+def test_acknowledged_batch_survives_kill_9(store: Path, config: Path, durability: str) -> None:
     users = [f"crash{i}" for i in range(500)]
+    config.write_text(
+        f'[dmp]\ndurability = "{durability}"\n' + config.read_text().replace("[dmp]\n", "")
+    )
     with run_server(store, "--config", str(config)) as server:
         with httpx.Client(base_url=server.url, auth=MAPP) as client:
             sid = client.post("/v1/segment", params={"title": "Crash"}).json()["segment_id"]
