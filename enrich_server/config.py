@@ -94,6 +94,14 @@ def _nice(value: int) -> str | None:
     return None if 0 <= value <= 19 else "must be between 0 and 19"
 
 
+#: Platform ids travel as ``pl`` query parameters and are stored in 4 bytes.
+MAX_PLATFORM_ID: Final = 999_999_999
+
+
+def _platform_id(value: int) -> str | None:
+    return None if 0 < value <= MAX_PLATFORM_ID else f"must be between 1 and {MAX_PLATFORM_ID}"
+
+
 def _platform_name(value: str) -> str | None:
     ok = value and value.isascii() and all(c.isalnum() or c == "_" for c in value)
     return None if ok else "must be letters, digits or _ (it names metrics and variables)"
@@ -218,7 +226,7 @@ class PlatformConfig:
     Its secrets can come from ``ENRICH_PLATFORM_<NAME>_<KEY>`` variables (``NAME`` upper-cased).
     """
 
-    id: int = _opt(0, "the platform's numeric id (the seed's pl)", _positive)
+    id: int = _opt(0, "the platform's numeric id (the seed's pl)", _platform_id)
     name: str = _opt("", "short name: metrics label, ENRICH_PLATFORM_<NAME>_* prefix",
                      _platform_name)  # fmt: skip
     basic: str = _opt("", "ingestion credentials user:password (HTTP Basic); empty = off", _basic)
@@ -392,15 +400,24 @@ def load_config(
         flag = "--" + key.replace("_", "-")
         values[section][key] = _convert(flag, fields[section][key], value)
     platforms = tuple(PlatformConfig(**entry) for entry in platform_values)
+    _check_platforms(platforms)
+    return Config(
+        **{attr: cls(**values[name]) for name, (attr, cls) in _SECTIONS.items()},
+        platforms=platforms,
+    )
+
+
+def _check_platforms(platforms: tuple[PlatformConfig, ...]) -> None:
+    """What no single table can tell: ids, names and credentials unique across them."""
     for attr in ("id", "name"):
         seen = [getattr(p, attr) for p in platforms]
         twice = {v for v in seen if seen.count(v) > 1}
         if twice:
             raise ConfigError(f"two [[platform]] tables have the same {attr}: {twice.pop()!r}")
-    return Config(
-        **{attr: cls(**values[name]) for name, (attr, cls) in _SECTIONS.items()},
-        platforms=platforms,
-    )
+    credentials = [c for p in platforms for c in ((p.basic,) if p.basic else ()) + p.tokens]
+    if len(credentials) != len(set(credentials)):
+        # one credential must name one platform: whose pushes would they be?
+        raise ConfigError("two [[platform]] tables share an ingestion credential (basic or token)")
 
 
 _PLATFORM_FIELDS: Final = {f.name: f for f in dataclasses.fields(PlatformConfig)}

@@ -27,14 +27,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from enrich_server.auth import PlatformCredentials
-from enrich_server.config import Config, PlatformConfig
-from enrich_server.dmp import BatchError
+from enrich_server.config import MAX_PLATFORM_ID, Config, PlatformConfig
+from enrich_server.dmp import MAX_TTL, BatchError
 from enrich_server.errors import SegmentConflictError, StoreError
 from enrich_server.ingestd import IngestClient, ReplayError
 from enrich_server.metrics import Metrics
 from enrich_server.openapi import openapi_document
 from enrich_server.snapshot import segment_name_problem
-from enrich_server.store import DmpSegment, SegmentStore
+from enrich_server.store import MAX_SEGMENT_ID, DmpSegment, SegmentStore
 from enrich_server.sync import (
     SignatureChecker,
     our_user_id,
@@ -42,12 +42,14 @@ from enrich_server.sync import (
     redirect_problem,
     their_id_problem,
     user_cookie,
+    whole_number,
     with_user_id,
 )
 
 log = logging.getLogger(__name__)
 
-MAX_TITLE_CHARS: Final = 1000
+#: A title is part of an LMDB key (at most 511 bytes, 4 of them the platform id).
+MAX_TITLE_BYTES: Final = 500
 _NO_STORE: Final = {"cache-control": "no-store"}
 _CHALLENGE: Final = {"www-authenticate": 'Basic realm="enrich-server ingestion"'}
 Handler = Callable[[Request], Awaitable[Response]]
@@ -59,6 +61,11 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
 
 def _ok(**fields: Any) -> JSONResponse:
     return JSONResponse({"status": "OK", **fields}, headers=_NO_STORE)
+
+
+def _unencoded_target(query: str) -> bool:
+    """Whether the query starts with the seed's unencoded ``out=https://...`` template."""
+    return query.startswith("out=") and "://" in query[4:].split("&", 1)[0]
 
 
 def _refused_batch(exc: BatchError) -> JSONResponse:
@@ -152,16 +159,18 @@ class DmpApi:
     async def sync(self, request: Request) -> Response:
         """``GET /sync?out=URL``: redirect to ``URL`` with our user id in it."""
         params = request.query_params.multi_items()
-        if any(name == "sig" for name, _ in params):
+        raw = raw_sync_target(request.url.query)
+        # The unsigned template leaves its target unencoded: a `sig` after it is the
+        # target's own parameter. A signed call encodes `out`, as every other value.
+        signed = any(name == "sig" for name, _ in params)
+        if signed and not _unencoded_target(request.url.query):
             platform = self._signed_platform(params)
-            out: str | None = dict(params).get("out", "")
+            out = dict(params).get("out", "")
             hosts: frozenset[str] | tuple[str, ...] = platform.sync_hosts
+        elif raw is None:
+            return _error(400, "out must be the first parameter: /sync?out=<url>")
         else:
-            out = raw_sync_target(request.url.query)
-            hosts = self._unsigned_hosts
-            if out is None:
-                return _error(400, "out must be the first parameter: /sync?out=<url>")
-        assert out is not None
+            out, hosts = raw, self._unsigned_hosts
         problem = redirect_problem(out, hosts)
         if problem:
             return _error(400, problem)
@@ -212,7 +221,8 @@ class DmpApi:
         return user_cookie(dmp.cookie, user_id, dmp.cookie_max_age)
 
     def _platform(self, pl: str) -> PlatformConfig:
-        platform = self._config.platform(int(pl)) if pl.isdigit() and len(pl) < 10 else None
+        number = whole_number(pl, MAX_PLATFORM_ID)
+        platform = self._config.platform(number) if number is not None else None
         if platform is None:
             raise _RefusedError(_error(403, f"unknown platform {pl!r}"))
         return platform
@@ -270,7 +280,7 @@ class DmpApi:
             return _error(404, f"no segment {sid} of this platform")
         if request.method == "GET":
             return _ok(segment=_segment_json(segment))
-        removed: int = await self._write("delete", sid)
+        removed: int = await self._write("delete", platform.id, sid)
         log.info(
             "segment deleted",
             extra={"platform": platform.name, "segment_id": sid, "memberships_removed": removed},
@@ -278,9 +288,11 @@ class DmpApi:
         return _ok(deleted=True, segment_id=sid, memberships_removed=removed)
 
     async def _create(self, platform: PlatformConfig, title: str, key: str | None) -> Response:
-        if not title or len(title) > MAX_TITLE_CHARS or not title.isprintable():
-            return _error(400, f"title must be 1-{MAX_TITLE_CHARS} printable characters")
+        if not title or len(title.encode()) > MAX_TITLE_BYTES or not title.isprintable():
+            return _error(400, f"title must be printable, 1-{MAX_TITLE_BYTES} bytes of UTF-8")
         problem = segment_name_problem(key) if key is not None else None
+        if key is not None and key.isdigit():
+            problem = "all digits: numbers are the default keys of segments created without one"
         if problem:
             return _error(400, f"key: {problem}")
         try:
@@ -296,17 +308,19 @@ class DmpApi:
 
     async def _single(self, platform: PlatformConfig, request: Request, op: str) -> Response:
         query = request.query_params
-        sid, ttl = query.get("id", ""), query.get("ttl")
-        if not sid.isdigit() or (ttl is not None and not ttl.isdigit()):
-            return _error(400, "id (and ttl, when given) must be whole numbers")
-        item = {
-            "segment": int(sid),
+        sid = whole_number(query.get("id", ""), MAX_SEGMENT_ID)
+        ttl_text = query.get("ttl")
+        ttl = whole_number(ttl_text, MAX_TTL) if ttl_text is not None else None
+        if sid is None or (ttl_text is not None and ttl is None):
+            return _error(400, f"id must be a segment id, and ttl (when given) 0-{MAX_TTL} seconds")
+        item: dict[str, str | int] = {
+            "segment": sid,
             "userid": query.get("userid", ""),
             "op": op,
             "idtype": query.get("idtype", "uid"),
         }
         if ttl is not None:
-            item["ttl"] = int(ttl)
+            item["ttl"] = ttl
         return await self._apply(platform, "single", item)
 
     async def _apply(self, platform: PlatformConfig, op: str, payload: Any) -> Response:
@@ -347,7 +361,7 @@ class DmpApi:
     async def _body(self, request: Request) -> bytes:
         limit = self._config.dmp.max_body
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if declared and (whole_number(declared, limit) is None):
             raise _RefusedError(_error(413, f"body larger than {limit} bytes"))
         chunks = []
         size = 0

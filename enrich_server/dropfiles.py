@@ -46,6 +46,7 @@ REJECTED_DIR: Final = "rejected"
 #: A file younger than this may still be being written by the uploader: left for later.
 DEFAULT_SETTLE_SECONDS: Final = 2.0
 _RECORD: Final = msgspec.json.Encoder()
+_RECORD_DECODER: Final = msgspec.json.Decoder(dict[str, object])
 
 
 class DropFileError(EnrichError):
@@ -135,8 +136,17 @@ def apply_file(
         sid = segment_of(name)
     except ValueError as exc:
         raise DropFileError(path, [str(exc)]) from None
-    if writer.applied_file(name) is not None:
-        return FileResult(name, sid, 0, 0, skipped=True)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    earlier = writer.applied_file(name)
+    if earlier is not None:
+        record = _RECORD_DECODER.decode(earlier)
+        if record.get("sha256") == digest:
+            return FileResult(name, sid, 0, 0, skipped=True)
+        raise DropFileError(
+            path,
+            [f"a different file named {name} was applied at {record.get('applied_at')}: "
+             "a correction needs a new name (the next minute's)"],
+        )  # fmt: skip
     owner = writer.dmp_segment(sid)
     if owner is None:
         raise DropFileError(
@@ -156,7 +166,7 @@ def apply_file(
             removed += writer.remove(key, (sid,))
     record = {
         "applied_at": now,
-        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "sha256": digest,
         "lines": len(mutations),
     }
     writer.record_applied_file(name, _RECORD.encode(record))

@@ -30,7 +30,6 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any, Final
 
-import lmdb
 import msgspec
 import uvloop
 
@@ -132,6 +131,15 @@ def _applied(result: Applied) -> list[Any]:
     return [result.count, dict(result.ops)]
 
 
+def _delete(writer: StoreWriter, platform: int, sid: int) -> int:
+    """Delete the platform's segment ``sid``: ownership checked again inside the transaction
+    (the worker checked it on its read view, which may be a moment old)."""
+    owner = writer.dmp_segment(sid)
+    if owner is None or owner[0] != platform:
+        return 0
+    return writer.delete_dmp_segment(sid)
+
+
 class _Writer:
     """The ops the workers may ask for, each a job for the write queue."""
 
@@ -155,8 +163,8 @@ class _Writer:
             platform, title, key = args
             return lambda w: list(w.create_dmp_segment(platform, title, key))
         if op == "delete":
-            (sid,) = args
-            return lambda w: w.delete_dmp_segment(sid)
+            platform, sid = args
+            return lambda w: _delete(w, platform, sid)
         if op == "alias":
             their, ours, signature = args
             if signature and not self._replays.first_use(signature):
@@ -186,9 +194,13 @@ async def _serve(config: Config, socket_path: str, parent: int, ready: Event) ->
     fsync = config.dmp.durability == "fsync"
     follower = StoreFollower(root, writable=True, sync=fsync)
 
+    # A swap closes the old store: never while the flush thread syncs it.
+    swap = threading.Lock()
+
     def current() -> SegmentStore:
-        follower.refresh()
-        return follower.store
+        with swap:
+            follower.refresh()
+            return follower.store
 
     def is_current(store: SegmentStore) -> bool:
         return store_dir(root) == store.directory
@@ -229,20 +241,19 @@ async def _serve(config: Config, socket_path: str, parent: int, ready: Event) ->
                 await asyncio.wait_for(stopping.wait(), PARENT_CHECK_SECONDS)
             if not fsync and loop.time() - flushed >= FLUSH_SECONDS:
                 flushed = loop.time()
-                await asyncio.to_thread(_flush, follower)
+                await asyncio.to_thread(_flush, follower, swap)
     finally:
         server.close()
         queue.close()  # finishes what was queued: those writes commit
         if not fsync:
-            _flush(follower)
+            _flush(follower, swap)
         follower.close()
         log.info("ingestion process stopped", extra={"pid": os.getpid()})
 
 
-def _flush(follower: StoreFollower) -> None:
+def _flush(follower: StoreFollower, swap: threading.Lock) -> None:
     """``durability = "os"``: put the commits of the last second on disk."""
-    # A store swapped for a new generation meanwhile is closed: that one flushes next time.
-    with contextlib.suppress(lmdb.Error):
+    with swap:
         follower.store.flush()
 
 

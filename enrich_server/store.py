@@ -63,6 +63,8 @@ _EID_PREFIX: Final = b"eid:"
 DEFAULT_MAP_SIZE: Final = 1 << 36
 
 _SEGMENT_ID: Final = struct.Struct(">I")
+#: Segment ids are stored as 4 bytes.
+MAX_SEGMENT_ID: Final = 2**32 - 1
 _DMP_SEGMENT_DECODER: Final = msgspec.msgpack.Decoder(tuple[int, str, int])
 _VALUE_ENCODER: Final = msgspec.msgpack.Encoder()
 _VALUE_DECODER: Final = msgspec.msgpack.Decoder(list[int])
@@ -668,7 +670,7 @@ class StoreWriter:
 
     def dmp_segment(self, sid: int) -> tuple[int, str] | None:
         """``(platform, title)`` of a DMP-created segment, or ``None``."""
-        if not 0 < sid < 2**32:
+        if not 0 < sid <= MAX_SEGMENT_ID:
             return None
         raw = self._txn.get(_SEGMENT_ID.pack(sid), db=self._dmp_segments)
         if raw is None:
@@ -679,28 +681,24 @@ class StoreWriter:
     def create_dmp_segment(self, platform: int, title: str, key: str | None) -> tuple[int, bool]:
         """Create the segment ``title`` of ``platform`` (or find it): ``(segment id, created)``.
 
-        Its served name is ``key``, by default the new id in decimal. A ``key`` that names an
-        existing segment shares it (one served string, one segment). Raises ``StoreError``
-        when that segment is another DMP segment, or when the default name is taken.
+        Its served name is ``key``, by default the new id in decimal. Raises
+        ``SegmentConflictError`` when that name is already a segment's (an operator's or
+        another DMP's): a platform never takes over memberships it did not push.
         """
         title_key = _SEGMENT_ID.pack(platform) + title.encode()
         raw = self._txn.get(title_key, db=self._dmp_titles)
         if raw is not None:
             return _SEGMENT_ID.unpack(raw)[0], False
         name = key if key is not None else str(self._next_id)
-        sid = self.segment_id(name)
-        if sid is not None:
-            if key is None:
-                raise SegmentConflictError(
-                    f"segment name {name!r} is taken by an operator's segment: pass a key"
-                )
-            owner = self.dmp_segment(sid)
-            if owner is not None:
-                raise SegmentConflictError(
-                    f"key {name!r} belongs to segment {sid} ({owner[1]!r} of platform {owner[0]})"
-                )
-        else:
-            sid = self.intern(name)
+        taken = self.segment_id(name)
+        if taken is not None:
+            owner = self.dmp_segment(taken)
+            whose = "an operator's segment" if owner is None else "another platform's segment"
+            if owner is not None and owner[0] == platform:
+                whose = f"this platform's segment {owner[1]!r}"
+            hint = ": pass a key" if key is None else ""
+            raise SegmentConflictError(f"segment name {name!r} is {whose} ({taken}){hint}")
+        sid = self.intern(name)
         packed = _SEGMENT_ID.pack(sid)
         record = _VALUE_ENCODER.encode((platform, title, int(time.time())))
         self._txn.put(packed, record, db=self._dmp_segments)

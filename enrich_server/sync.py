@@ -26,6 +26,16 @@ MAX_THEIR_ID_BYTES: Final = 256
 #: Signatures remembered to refuse a replayed signed call (per process).
 _SEEN_SIGNATURES: Final = 100_000
 _UNRESERVED: Final = "-._~"
+_MAX_TS: Final = 2**32 - 1
+
+
+def whole_number(text: str, most: int) -> int | None:
+    """``text`` as an integer in 0..``most`` when it is plain ASCII digits, else ``None``
+    (``"²".isdigit()`` is true, and a 5000-digit string is too slow to convert)."""
+    if not text or len(text) > len(str(most)) or not (text.isascii() and text.isdigit()):
+        return None
+    value = int(text)
+    return value if value <= most else None
 
 
 def our_user_id(cookie: str | None) -> tuple[str, bool]:
@@ -86,7 +96,7 @@ def redirect_problem(out: str, hosts: Iterable[str]) -> str | None:
         return "out must not carry user info or an encoded host"
     netloc = netloc.lower()
     host, colon, port = netloc.rpartition(":") if ":" in netloc else (netloc, "", "")
-    if colon and not (port.isdigit() and 0 < int(port) < 65536):
+    if colon and not whole_number(port, 65535):
         return "out has a bad port"
     if host not in set(hosts):
         return f"host {host!r} is not an allowed sync host"
@@ -127,11 +137,11 @@ class SignatureChecker:
     ) -> str | None:
         """Why the signed ``params`` are refused, or ``None`` when they are good."""
         given = dict(params)
-        ts = given.get("ts", "")
-        if not ts.isdigit():
+        ts = whole_number(given.get("ts", ""), _MAX_TS)
+        if ts is None:
             return "signed calls need ts (unix seconds)"
         now = time.time() if now is None else now
-        if abs(now - int(ts)) > self.window:
+        if abs(now - ts) > self.window:
             return f"ts is more than {self.window} s away from our clock"
         sig = given.get("sig", "").lower()
         if not hmac.compare_digest(sig.encode(), sign(secret, params).encode()):

@@ -184,10 +184,17 @@ def test_platform_tables(tmp_path: Path) -> None:
         ('[[platform]]\nid = 1\nname = "a b"\n', {}, "letters, digits or _"),
         ('[[platform]]\nid = 1\nname = "a"\nbasic = "nocolon"\n', {}, "user:password"),
         ('[[platform]]\nid = 1\nname = "a"\nsync_hosts = ["Evil.COM/x"]\n', {}, "lower-case host"),
-        ('[[platform]]\nid = 0\nname = "a"\n', {}, "at least 1"),
+        ('[[platform]]\nid = 0\nname = "a"\n', {}, "between 1 and"),
         ('[[platform]]\nid = 1\nname = "a"\n[[platform]]\nid = 1\nname = "b"\n', {}, "same id"),
         ('[[platform]]\nid = 1\nname = "a"\n[[platform]]\nid = 2\nname = "a"\n', {}, "same name"),
         ("[platform]\nid = 1\n", {}, "array of tables"),
+        ('[[platform]]\nid = 1000000000\nname = "a"\n', {}, "between 1 and 999999999"),
+        (
+            '[[platform]]\nid = 1\nname = "a"\ntokens = ["t"]\n'
+            '[[platform]]\nid = 2\nname = "b"\ntokens = ["t"]\n',
+            {},
+            "share an ingestion credential",
+        ),
         (
             '[[platform]]\nid = 1\nname = "a"\n',
             {"ENRICH_PLATFORM_B_BASIC": "x:y"},

@@ -28,13 +28,18 @@ def test_create_is_idempotent_and_keys_are_checked(store: Path) -> None:
         assert first[1] is True
         other_platform = writer.create_dmp_segment(2, "Title", None)
         assert other_platform[0] != first[0]
-        shared = writer.create_dmp_segment(1, "Shares", "operator_seg")
-        assert shared == (writer.segment_id("operator_seg"), True)
-        with pytest.raises(SegmentConflictError, match="belongs to segment"):
-            writer.create_dmp_segment(2, "Steal", "operator_seg")
+        keyed = writer.create_dmp_segment(1, "Keyed", "mapp_keyed")
+        # A platform never takes over a segment it did not create, nor another platform's.
+        with pytest.raises(SegmentConflictError, match="an operator's segment"):
+            writer.create_dmp_segment(1, "Steal", "operator_seg")
+        with pytest.raises(SegmentConflictError, match="another platform's segment"):
+            writer.create_dmp_segment(2, "Steal", "mapp_keyed")
+        with pytest.raises(SegmentConflictError, match="this platform's segment 'Keyed'"):
+            writer.create_dmp_segment(1, "Twice", "mapp_keyed")
     opened = SegmentStore(store)
     try:
-        assert [s.title for s in opened.dmp_segments(1)] == ["Shares", "Title"]  # by id
+        assert [s.title for s in opened.dmp_segments(1)] == ["Title", "Keyed"]  # by id
+        assert opened.dmp_segment(keyed[0]).key == "mapp_keyed"  # type: ignore[union-attr]
         assert opened.dmp_segment(first[0]).key == str(first[0])  # type: ignore[union-attr]
         assert opened.dmp_segment(999) is None
         assert opened.dmp_segment(0) is None

@@ -519,3 +519,51 @@ def test_lookup_shows_synced_ids(server: RunningServer, store: Path) -> None:
         capture_output=True, text=True, check=True, cwd=ROOT,
     )  # fmt: skip
     assert json.loads(lookup.stdout)["synced_to"] == "uid:AAAAAAAAAAAAAAAAAAAAAA"
+
+
+def test_hostile_numbers_and_names_get_400_not_500(server: RunningServer) -> None:
+    with httpx.Client(base_url=server.url, auth=MAPP) as client:
+        sid = client.post("/v1/segment", params={"title": "N"}).json()["segment_id"]
+        for query in (
+            "id=99999999999999999999&userid=a",
+            f"id={sid}&userid=a&ttl=99999999999999999999",
+            "id=%C2%B2&userid=a",
+            f"id={sid}&userid=a&ttl=%C2%B2",
+            f"id={sid}&userid=a&ttl=-1",
+            "id=&userid=a",
+        ):
+            answer = client.post(f"/v1/segment?{query}")
+            assert answer.status_code == 400, (query, answer.text)
+            assert client.delete(f"/v1/segment?{query}").status_code == 400, query
+        for params in (
+            {"title": "x" * 501},
+            {"title": "T", "key": "12345"},
+            {"title": "T", "key": "a,b"},
+        ):
+            assert client.post("/v1/segment", params=params).status_code == 400, params
+        taken = client.post("/v1/segment", params={"title": "T", "key": "operator_segment"})
+        assert taken.status_code == 409
+        assert "an operator's segment" in taken.json()["error"]
+        assert _enrich(client, "someone") == ["operator_segment", "ctx_news"]
+        huge = json.dumps([{"segment": 10**30, "userid": "a"}, {"segment": sid, "ttl": 10**30}])
+        refused = client.post("/v1/segment", content=huge)
+        assert refused.status_code == 400
+        assert [p.split(":")[0] for p in refused.json()["problems"]] == ["item 0", "item 1"]
+    for query in (
+        "userid=a&pl=%C2%B2&plsec=idxsec",
+        "userid=a&pl=5&ts=%C2%B2&sig=00",
+        "userid=a&pl=7&ts=" + "9" * 400 + "&sig=00",
+        "userid=a&pl=7&ts=" + "9" * 5000 + "&sig=00",
+        "userid=a&pl=" + "9" * 30 + "&plsec=x",
+    ):
+        assert httpx.get(f"{server.url}/uid?{query}").status_code == 403, query
+    assert (
+        httpx.get(f"{server.url}/sync?out=https://go.flx1.com:99999999999999/").status_code == 400
+    )
+
+
+def test_sig_inside_an_unencoded_target_is_the_targets(server: RunningServer) -> None:
+    out = "https://go.flx1.com/uid?userid=[[USERID]]&sig=abc"
+    answer = httpx.get(f"{server.url}/sync?out={out}")
+    assert answer.status_code == 302
+    assert answer.headers["location"].endswith("&sig=abc")

@@ -115,6 +115,10 @@ def test_applied_exactly_once_with_platform_ttl(
         again = apply_file(path, writer, PLATFORMS, now=2_000_000)
     assert again.skipped
     assert _members(store, "new1") == [{str(sid): 1_003_600}]  # not re-applied
+    path.write_bytes(gzip.compress(b"new1\nother\n"))  # same name, other content
+    with pytest.raises(DropFileError, match="a different file named"), StoreWriter(store) as writer:
+        apply_file(path, writer, PLATFORMS, now=2_000_000)
+    assert _members(store, "other") == [None]
 
 
 def test_file_for_an_unknown_segment_is_refused(
