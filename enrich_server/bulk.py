@@ -57,6 +57,7 @@ from enrich_server.store import (
     DATA_FILE,
     DEFAULT_MAP_SIZE,
     StoreWriter,
+    publish_with_dmp_state,
     store_dir,
 )
 
@@ -244,7 +245,7 @@ def build(
                 root.rmdir()  # an empty directory the operator made for us
             building.rename(root)
         else:
-            publish(root, building)
+            publish_with_dmp_state(live, building, map_size, lambda: publish(root, building))
             remove_unused(root)
         return report
     except BaseException as exc:

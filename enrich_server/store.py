@@ -30,7 +30,7 @@ import os
 import struct
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -732,3 +732,75 @@ class StoreWriter:
     def record_applied_file(self, name: str, record: bytes) -> None:
         """Remember that drop file ``name`` was applied (in the same transaction)."""
         self._txn.put(name.encode(), record, db=self._applied_files)
+
+
+def publish_with_dmp_state(
+    live: Path, build: Path, map_size: int, publish: Callable[[], object]
+) -> None:
+    """Carry into ``build`` what DMPs wrote to the ``live`` store while it was being built
+    (synced ids, applied drop files, DMP segments created or deleted), then ``publish`` it,
+    all under the live store's write lock: no DMP write lands between the copy and the swap
+    (the ingestion process waits, then finds the new generation). Memberships are not
+    carried: a replace replaces them. Raises ``SegmentConflictError`` when a segment id was
+    given both to a new snapshot segment and, meanwhile, to a DMP segment.
+    """
+    size = os.path.getsize(live / DATA_FILE)
+    source = lmdb.open(str(live), map_size=max(DEFAULT_MAP_SIZE, 2 * size), max_dbs=_MAX_DBS)
+    try:
+        hold = source.begin(write=True)  # the write lock; aborted, never committed
+        try:
+            target = lmdb.open(str(build), map_size=map_size, max_dbs=_MAX_DBS)
+            try:
+                with target.begin(write=True) as write:
+                    _carry_dmp_state(source, hold, target, write)
+            finally:
+                target.close()
+            publish()
+        finally:
+            hold.abort()
+    finally:
+        source.close()
+
+
+def _carry_dmp_state(
+    source: lmdb.Environment,
+    hold: lmdb.Transaction[bytes],
+    target: lmdb.Environment,
+    write: lmdb.Transaction[bytes],
+) -> None:
+    def opened(name: bytes) -> Any:
+        try:
+            return source.open_db(name, txn=hold, create=False)
+        except lmdb.NotFoundError:
+            return None
+
+    for name in (_ALIASES, _APPLIED_FILES):  # plain maps, no ids: the live ones win
+        db = opened(name)
+        if db is not None:
+            write.cursor(db=target.open_db(name, txn=write)).putmulti(hold.cursor(db=db))
+    segments = opened(_DMP_SEGMENTS)
+    if segments is None:
+        return
+    names = source.open_db(_SEGMENT_NAMES, txn=hold, create=False)
+    built_names = target.open_db(_SEGMENT_NAMES, txn=write)
+    built_ids = target.open_db(_SEGMENT_IDS, txn=write)
+    for packed, _ in hold.cursor(db=segments):  # in id order
+        name = bytes(hold.get(packed, db=names) or b"")
+        have = write.get(packed, db=built_names)
+        sid = _SEGMENT_ID.unpack(packed)[0]
+        next_id = write.stat(built_names)["entries"] + 1
+        if have is None and sid == next_id and write.get(name, db=built_ids) is None:
+            write.put(packed, name, db=built_names)  # created during the build: the next id
+            write.put(name, packed, db=built_ids)
+            continue
+        if have is None or bytes(have) != name:
+            raise SegmentConflictError(
+                f"segment {sid} was created by a DMP ({name.decode()!r})"
+                " while the snapshot gave the id to another segment: load again"
+            )
+    for name in (_DMP_SEGMENTS, _DMP_TITLES):  # mirrored: created and deleted ones alike
+        db = opened(name)
+        built = target.open_db(name, txn=write)
+        write.drop(built, delete=False)
+        if db is not None:
+            write.cursor(db=built).putmulti(hold.cursor(db=db))

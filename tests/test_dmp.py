@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from enrich_server import bulk
 from enrich_server.dmp import BatchError, Mutation, apply_batch, decode_batch, user_key
 from enrich_server.errors import SegmentConflictError
-from enrich_server.store import SegmentStore, StoreWriter
+from enrich_server.snapshot import load_snapshots
+from enrich_server.store import SegmentStore, StoreWriter, store_dir
 from enrich_server.writes import WriteQueue
 from tests.conftest import StoreFactory
 
@@ -268,3 +270,62 @@ def test_write_queue_moves_to_a_replacing_store(make_store: StoreFactory) -> Non
     finally:
         old.close()
         new.close()
+
+
+def test_dmp_writes_made_during_a_replace_are_carried_over(
+    make_store: StoreFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a DMP wrote while the replacement was building (a synced id, an applied drop
+    file, a segment created, one deleted) is in the published generation."""
+    store = make_store("uid:a\toperator\n")
+    with StoreWriter(store) as writer:
+        gone, _ = writer.create_dmp_segment(1, "Deleted during the build", None)
+    snapshot = tmp_path / "next.tsv"
+    snapshot.write_text("uid:b\toperator\n")
+    real_compact = bulk._compact
+
+    def meanwhile(building: Path, map_size: int) -> None:
+        real_compact(building, map_size)
+        with StoreWriter(store) as writer:  # the ingestion process, while the build runs
+            created.append(writer.create_dmp_segment(1, "Created during the build", None)[0])
+            writer.delete_dmp_segment(gone)
+            writer.map_alias(b"their-id", b"our-id")
+            writer.record_applied_file("Mapp_dmp_9_2026_1_1_0_0.tsv.gz", b"{}")
+
+    created: list[int] = []
+    monkeypatch.setattr(bulk, "_compact", meanwhile)
+    load_snapshots([snapshot], store, replace=True, progress=False)
+    opened = SegmentStore(store_dir(store))
+    try:
+        assert [s.title for s in opened.dmp_segments()] == ["Created during the build"]
+        assert opened.dmp_segment(created[0]).key == str(created[0])  # type: ignore[union-attr]
+        assert opened.alias_of(b"uid:their-id") == b"uid:our-id"
+        assert opened.memberships(b"uid:b") == {"operator": 0}
+    finally:
+        opened.close()
+    with StoreWriter(store) as writer:
+        assert writer.applied_file("Mapp_dmp_9_2026_1_1_0_0.tsv.gz") == b"{}"
+
+
+def test_a_segment_id_given_twice_during_a_replace_fails_it(
+    make_store: StoreFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store("uid:a\toperator\n")
+    snapshot = tmp_path / "next.tsv"
+    snapshot.write_text("uid:b\toperator,brand_new\n")  # the build gives id 2 to brand_new
+    real_compact = bulk._compact
+
+    def meanwhile(building: Path, map_size: int) -> None:
+        real_compact(building, map_size)
+        with StoreWriter(store) as writer:  # ... while a DMP gets id 2 for its segment
+            writer.create_dmp_segment(1, "Mine", "mine")
+
+    monkeypatch.setattr(bulk, "_compact", meanwhile)
+    with pytest.raises(SegmentConflictError, match="load again"):
+        load_snapshots([snapshot], store, replace=True, progress=False)
+    opened = SegmentStore(store_dir(store))
+    try:  # the live store is untouched, the DMP's segment in it
+        assert opened.memberships(b"uid:a") == {"operator": 0}
+        assert [s.key for s in opened.dmp_segments()] == ["mine"]
+    finally:
+        opened.close()
