@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -253,13 +254,32 @@ def _serve(args: argparse.Namespace) -> int:
         extra={"version": __version__, "config": redacted(dataclasses.asdict(config))},
     )
     os.environ[CONFIG_HANDOFF_VARIABLE] = to_json(config).decode()
-    with _ingestion_process(config) as socket_path:
-        if socket_path is not None:
-            os.environ[INGEST_SOCKET_VARIABLE] = socket_path
-        _run_uvicorn(config)
-    if metrics_dir is not None:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the handler
+    # it found installed: with the default one the process would die right there, before
+    # the clean-up below (the ingestion process, the temporary directories).
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        try:
+            with _ingestion_process(config) as socket_path:
+                if socket_path is not None:
+                    os.environ[INGEST_SOCKET_VARIABLE] = socket_path
+                _run_uvicorn(config)
+        finally:
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+    except _TerminatedError:
+        # Cleaned up: now end as the signal says (systemd counts that as a clean stop).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
     return 0
+
+
+class _TerminatedError(Exception):
+    """SIGTERM arrived after uvicorn's graceful shut-down."""
+
+
+def _terminated(_signum: int, _frame: object) -> None:
+    raise _TerminatedError
 
 
 @contextlib.contextmanager

@@ -233,7 +233,10 @@ async def _serve(config: Config, socket_path: str, parent: int, ready: Event) ->
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     ready.set()
-    log.info("ingestion process ready", extra={"pid": os.getpid(), "store": str(root)})
+    log.info(
+        "ingestion process ready",
+        extra={"pid": os.getpid(), "store": str(root), "socket": socket_path},
+    )
     flushed = loop.time()
     try:
         while not stopping.is_set() and os.getppid() == parent:
@@ -248,7 +251,16 @@ async def _serve(config: Config, socket_path: str, parent: int, ready: Event) ->
         if not fsync:
             _flush(follower, swap)
         follower.close()
+        _remove_if_orphaned(socket_path, parent)
         log.info("ingestion process stopped", extra={"pid": os.getpid()})
+
+
+def _remove_if_orphaned(socket_path: str, parent: int) -> None:
+    """Remove the socket and its directory when ``serve`` was killed (else it does that)."""
+    if os.getppid() != parent:
+        with contextlib.suppress(OSError):
+            Path(socket_path).unlink()
+            Path(socket_path).parent.rmdir()
 
 
 def _flush(follower: StoreFollower, swap: threading.Lock) -> None:

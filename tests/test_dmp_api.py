@@ -380,11 +380,12 @@ def test_acknowledged_batch_survives_kill_9(store: Path, config: Path, durabilit
             for start in range(0, len(users), 50):
                 batch = [{"segment": sid, "userid": u} for u in users[start : start + 50]]
                 assert client.post("/v1/segment", content=json.dumps(batch)).status_code == 200
-        ingestd = [
-            json.loads(line)["pid"]
+        ready = [
+            json.loads(line)
             for line in server.log().splitlines()
             if '"ingestion process ready"' in line
         ]
+        ingestd, socket = [r["pid"] for r in ready], ready[0]["socket"]
         server.process.kill()  # SIGKILL right after the last acknowledgement
         server.process.wait()
         assert len(ingestd) == 1
@@ -392,6 +393,7 @@ def test_acknowledged_batch_survives_kill_9(store: Path, config: Path, durabilit
         while _alive(ingestd[0]):  # the ingestion process follows its parent
             assert time.monotonic() < deadline, "ingestion process outlived serve"
             time.sleep(0.05)
+        assert not Path(socket).parent.exists()  # and removes what serve could not
     opened = SegmentStore(store)
     try:
         found = [opened.memberships(f"uid:{u}".encode()) for u in users]
@@ -567,3 +569,18 @@ def test_sig_inside_an_unencoded_target_is_the_targets(server: RunningServer) ->
     answer = httpx.get(f"{server.url}/sync?out={out}")
     assert answer.status_code == 302
     assert answer.headers["location"].endswith("&sig=abc")
+
+
+def test_serve_cleans_up_after_sigterm(store: Path, config: Path) -> None:
+    with run_server(store, "--config", str(config)) as server:
+        ready = [
+            json.loads(line)
+            for line in server.log().splitlines()
+            if '"ingestion process ready"' in line
+        ]
+        folder = Path(ready[0]["socket"]).parent
+        assert folder.is_dir()
+        server.process.terminate()
+        assert server.process.wait(15) == -15  # ended by SIGTERM, after the clean-up
+    assert not folder.exists()
+    assert not _alive(ready[0]["pid"])
