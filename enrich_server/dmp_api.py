@@ -213,8 +213,9 @@ class DmpApi:
         store = self._store()
         if store is not None:
             store.has_aliases = True
-        cookie = {"set-cookie": self._cookie(ours), **_NO_STORE}
-        return JSONResponse({"status": "OK"}, headers=cookie)
+        mapped = _ok()
+        mapped.headers["set-cookie"] = self._cookie(ours)
+        return mapped
 
     def _cookie(self, user_id: str) -> str:
         dmp = self._config.dmp
@@ -241,13 +242,9 @@ class DmpApi:
     def _authenticated(self, request: Request) -> PlatformConfig:
         platform = self._credentials.authenticate(request.headers.get("authorization", ""))
         if platform is None:
-            raise _RefusedError(
-                JSONResponse(
-                    {"status": "error", "error": "missing or wrong ingestion credentials"},
-                    401,
-                    {**_CHALLENGE, **_NO_STORE},
-                )
-            )
+            refusal = _error(401, "missing or wrong ingestion credentials")
+            refusal.headers.update(_CHALLENGE)
+            raise _RefusedError(refusal)
         return platform
 
     async def segments(self, request: Request) -> Response:

@@ -35,6 +35,9 @@ def _answer(description: str, ref: str = "Ok") -> dict[str, Any]:
     }
 
 
+#: Ingestion calls: HTTP Basic or a bearer token naming the platform.
+_PLATFORM_AUTH: list[dict[str, list[str]]] = [{"basic": []}, {"bearer": []}]
+_NOT_OURS = _answer("No such segment of this platform", "Error")
 _ERRORS: dict[str, Any] = {
     "400": _answer("Malformed request; a refused batch lists its bad items", "Error"),
     "401": _answer("Missing or wrong ingestion credentials", "Error"),
@@ -167,7 +170,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "/v1/segment": {
                 "get": {
                     "summary": "List this platform's segments",
-                    "security": [{"basic": []}, {"bearer": []}],
+                    "security": _PLATFORM_AUTH,
                     "responses": {
                         "200": {
                             "description": "Segments",
@@ -191,7 +194,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                 "post": {
                     "summary": "Create a segment (?title=[&key=]), add one user (?id=&userid=), "
                     "or apply a micro-batch (JSON array body): validated whole, one commit",
-                    "security": [{"basic": []}, {"bearer": []}],
+                    "security": _PLATFORM_AUTH,
                     "parameters": [
                         _query("title", "create: segment title", required=False),
                         _query("key", "create: name served to Index", required=False),
@@ -231,7 +234,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                 },
                 "delete": {
                     "summary": "Remove one user from a segment",
-                    "security": [{"basic": []}, {"bearer": []}],
+                    "security": _PLATFORM_AUTH,
                     "parameters": population,
                     "responses": {"200": _answer("Removed", "Applied"), **_ERRORS},
                 },
@@ -247,20 +250,20 @@ def openapi_document(config: Config) -> dict[str, Any]:
                 ],
                 "get": {
                     "summary": "One segment of this platform",
-                    "security": [{"basic": []}, {"bearer": []}],
+                    "security": _PLATFORM_AUTH,
                     "responses": {
                         "200": {"description": "The segment"},
                         "401": _ERRORS["401"],
-                        "404": _answer("No such segment of this platform", "Error"),
+                        "404": _NOT_OURS,
                     },
                 },
                 "delete": {
                     "summary": "Delete a segment and all its memberships",
-                    "security": [{"basic": []}, {"bearer": []}],
+                    "security": _PLATFORM_AUTH,
                     "responses": {
                         "200": {"description": "Deleted"},
                         "401": _ERRORS["401"],
-                        "404": _answer("No such segment of this platform", "Error"),
+                        "404": _NOT_OURS,
                     },
                 },
             },

@@ -18,6 +18,17 @@ from enrich_server.config import EXAMPLE_STORE
 from tests.utils import ROOT, run_server
 
 
+def _smoke(module: str, tmp_path: Path, *args: str) -> Path:
+    """Run a bench module's smoke profile; returns the directory of its results."""
+    out = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--profile", "smoke", "--out", str(out), *args],
+        capture_output=True, text=True, check=False, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
 def test_synth_snapshot_is_deterministic_and_loadable(tmp_path: Path) -> None:
     lines = list(snapshot_lines(200))
     assert lines == list(snapshot_lines(200))
@@ -46,13 +57,7 @@ def test_micro_bench_runs(tmp_path: Path) -> None:
 
 
 def test_load_bench_smoke_profile_writes_results(tmp_path: Path) -> None:
-    out = tmp_path / "results"
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.load", "--profile", "smoke", "--out", str(out),
-         "--cache", str(tmp_path / "cache")],
-        capture_output=True, text=True, check=False, cwd=ROOT, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
+    out = _smoke("bench.load", tmp_path, "--cache", str(tmp_path / "cache"))
     report = json.loads((out / "load-smoke.json").read_text())
     throughput = report["throughput"]
     assert set(throughput["median_rps"]) == {"ceiling", "enrich", "alternative"}
@@ -83,13 +88,7 @@ def test_locust_scenario_runs_headless(tmp_path: Path) -> None:
 
 
 def test_store_bench_smoke_profile_writes_results(tmp_path: Path) -> None:
-    out = tmp_path / "results"
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.store", "--profile", "smoke", "--out", str(out),
-         "--cache", str(tmp_path / "cache")],
-        capture_output=True, text=True, check=False, cwd=ROOT, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
+    out = _smoke("bench.store", tmp_path, "--cache", str(tmp_path / "cache"))
     report = json.loads((out / "store-smoke.json").read_text())
     assert set(report["sizes"]) == {"2000", "20000"}
     for row in report["sizes"].values():
@@ -104,12 +103,8 @@ def test_store_bench_smoke_profile_writes_results(tmp_path: Path) -> None:
 
 
 def test_ingest_bench_smoke_profile_writes_results(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.ingest", "--profile", "smoke", "--out", str(tmp_path)],
-        capture_output=True, text=True, check=False, cwd=ROOT, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads((tmp_path / "ingest-smoke-fsync.json").read_text())
+    out = _smoke("bench.ingest", tmp_path)
+    report = json.loads((out / "ingest-smoke-fsync.json").read_text())
     median = report["median"]
     assert median["ingest_alone_mps"] > 0
     assert median["ingest_beside_mps"] > 0
@@ -117,4 +112,4 @@ def test_ingest_bench_smoke_profile_writes_results(tmp_path: Path) -> None:
     assert median["enrich_errors_with_ingest"] == 0
     assert median["p99_ms_without_ingest"] > 0
     assert median["p99_ms_with_ingest"] > 0
-    assert "ingest_beside_mps" in (tmp_path / "ingest-smoke-fsync.md").read_text()
+    assert "ingest_beside_mps" in (out / "ingest-smoke-fsync.md").read_text()
