@@ -138,7 +138,10 @@ class EnrichConfig:
         86400, "Cache-Control max-age (seconds) when segments are known", _not_negative
     )
     max_body: int = _opt(
-        1048576, "largest request body accepted (bytes); larger gets 413", _positive
+        65536,
+        "largest request body accepted (bytes); larger gets 413. Index's fragments are a few"
+        " KB; the bound keeps the cost of any one request under the hot path's budget",
+        _positive,
     )
     guard_lag_ms: float = _opt(
         2.0,

@@ -19,8 +19,11 @@ The accessors at the end reconcile fields that moved between OpenRTB versions
 
 from __future__ import annotations
 
+import functools
+import re
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Final, Union
 
 import msgspec
@@ -92,23 +95,72 @@ class BidRequest(msgspec.Struct):
     imp: list[Imp] | None = None
 
 
+#: Limits on what we read from one request, where OpenRTB sets none (a hostile request may
+#: carry thousands of eids or imps; real ones carry a handful). Past a limit the rest of the
+#: list is ignored, never an error.
+MAX_EID_UIDS: Final = 32  # (source, id) pairs read from user.eids and user.ext.eids together
+MAX_IMPS: Final = 64  # imps whose gpid is read
+
 _TYPED: Final = msgspec.json.Decoder(BidRequest)
-# float_hook: a number past float range (1e400) becomes inf instead of failing the decode.
-_UNTYPED: Final = msgspec.json.Decoder(float_hook=float)
+_RAW_ITEMS: Final = msgspec.json.Decoder(list[msgspec.Raw])
 _DROP: Final = object()
+_EMPTY_RAW: Final = msgspec.Raw()
+# Outside JSON's escapes we only touch: an escaped backslash (kept, so the next character is
+# read as text), a surrogate pair (kept), and a lone surrogate (replaced).
+_SURROGATE_ESCAPE: Final = re.compile(
+    rb"\\(?:\\"  # an escaped backslash
+    rb"|u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"  # a surrogate pair
+    rb"|u[dD][89a-fA-F][0-9a-fA-F]{2})"  # a lone surrogate
+)
+_REPLACEMENT_ESCAPE: Final = rb"\ufffd"
 
 
 def decode(body: bytes) -> BidRequest:
-    """Decode a request body.
+    """Decode a request body; linear in its size, whatever it holds.
 
     Raises ``msgspec.DecodeError`` when the body is not JSON at all, and ``RecursionError``
-    when it nests deeper than the decoder goes; every other oddity is tolerated.
+    when it nests deeper than the decoder goes; every other oddity is tolerated. A lone
+    UTF-16 surrogate escape (``"\\ud800"``: valid JSON grammar, but no Unicode text) reads
+    as U+FFFD, as Go's encoding/json does.
     """
     try:
         return _TYPED.decode(body)
     except msgspec.ValidationError:
-        converted = _lenient(_UNTYPED.decode(body), BidRequest)
-        return converted if isinstance(converted, BidRequest) else BidRequest()
+        return decode_lenient(body)
+    except msgspec.DecodeError:
+        repaired = _replace_lone_surrogates(body)
+        if repaired is body:
+            raise
+    try:
+        return _TYPED.decode(repaired)
+    except msgspec.ValidationError:
+        return decode_lenient(repaired)
+
+
+def decode_lenient(body: bytes) -> BidRequest:
+    """The lenient path alone: every field that converts is kept, the others dropped (what
+    ``decode`` does once the typed decoder refused the body)."""
+    converted = _converter(BidRequest)[1](body)
+    return converted if isinstance(converted, BidRequest) else BidRequest()
+
+
+def _replace_lone_surrogates(body: bytes) -> bytes:
+    """``body`` with each lone surrogate escape replaced by ``\\ufffd``; ``body`` itself
+    (the same object) when it has none."""
+    if b"\\u" not in body:
+        return body
+    found = False
+
+    def replace(match: re.Match[bytes]) -> bytes:
+        nonlocal found
+        escape = match.group()
+        if len(escape) == 6:  # neither an escaped backslash (2) nor a pair (12)
+            found = True
+            return _REPLACEMENT_ESCAPE
+        return escape
+
+    repaired = _SURROGATE_ESCAPE.sub(replace, body)
+    return repaired if found else body
 
 
 # Moved fields, reconciled: the top-level placement wins when both are present.
@@ -142,7 +194,8 @@ def consent(user: User | None) -> str | None:
 
 
 def eids(user: User | None) -> list[tuple[str, str]]:
-    """``(source, id)`` of every non-empty uid in ``user.eids``, then ``user.ext.eids``."""
+    """``(source, id)`` of the non-empty uids in ``user.eids``, then ``user.ext.eids``; the
+    first ``MAX_EID_UIDS`` of them."""
     pairs: list[tuple[str, str]] = []
     if user is None:
         return pairs
@@ -154,14 +207,17 @@ def eids(user: User | None) -> list[tuple[str, str]]:
                     for uid in eid.uids:
                         if uid.id:
                             pairs.append((source, uid.id))
+                            if len(pairs) == MAX_EID_UIDS:
+                                return pairs
     return pairs
 
 
 def gpids(imps: list[Imp] | None) -> list[str]:
-    """Distinct non-empty ``imp.gpid`` (else ``imp.ext.gpid``) values, in imp order."""
+    """Distinct non-empty ``imp.gpid`` (else ``imp.ext.gpid``) values of the first
+    ``MAX_IMPS`` imps, in imp order."""
     out: list[str] = []
     if imps:
-        for imp in imps:
+        for imp in imps[:MAX_IMPS]:
             gpid = imp.gpid
             if gpid is None and imp.ext is not None:
                 gpid = imp.ext.gpid
@@ -170,35 +226,91 @@ def gpids(imps: list[Imp] | None) -> list[str]:
     return out
 
 
-def _lenient(value: Any, tp: Any) -> Any:
-    """Convert ``value`` to ``tp``, keeping what converts and dropping what doesn't.
+#: Items of a list read by the lenient path; a list is never read further than the
+#: accessors above look (``MAX_IMPS``, ``MAX_EID_UIDS``), whatever it holds.
+MAX_LENIENT_ITEMS: Final = max(MAX_IMPS, MAX_EID_UIDS)
 
-    Returns ``_DROP`` when nothing of ``value`` fits ``tp``.
+#: A value refused by the typed decoder is decoded whole once more (with conversions) only
+#: up to this size; a larger one goes field by field, so a big subtree is not rebuilt at each
+#: level on the way down to its one bad leaf.
+MAX_RETRY_BYTES: Final = 4096
+
+_Fallback = Callable[[bytes | msgspec.Raw], Any]
+
+
+def _lenient(raw: bytes | msgspec.Raw, tp: Any) -> Any:
+    """Convert the JSON ``raw`` to ``tp``, keeping what converts and dropping what doesn't.
+
+    Returns ``_DROP`` when nothing of ``raw`` fits ``tp``. Only the fields we read are parsed
+    (everything else is skipped as raw JSON), lists are read up to ``MAX_LENIENT_ITEMS``, and
+    a large value is never decoded whole again, so the cost stays linear in the body
+    whatever it nests or carries.
     """
-    try:
-        return msgspec.convert(value, tp, strict=False)
-    except msgspec.ValidationError:
-        pass
+    decoder, fallback = _converter(tp)
+    if fallback is _drop or len(raw) <= MAX_RETRY_BYTES:  # a leaf, or a small container
+        try:
+            return decoder.decode(raw)
+        except msgspec.ValidationError:  # a wrong type below, or an integer of 4,301+ digits
+            pass
+    return fallback(raw)
+
+
+@functools.cache
+def _converter(tp: Any) -> tuple[msgspec.json.Decoder[Any], _Fallback]:
+    """For ``tp``: a decoder that also converts ``"1"`` to ``1`` and the like, and what to do
+    with a value it refuses. Built once per type."""
+    decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(tp, strict=False)
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         members = [arg for arg in typing.get_args(tp) if arg is not type(None)]
         if len(members) == 1:
-            return _lenient(value, members[0])
-        return _DROP
-    if origin is list:
-        if not isinstance(value, list):
-            return _DROP
+            return decoder, _converter(members[0])[1]
+    elif origin is list:
         (item_type,) = typing.get_args(tp)
-        items = (_lenient(item, item_type) for item in value)
-        return [item for item in items if item is not _DROP]
-    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
-        if not isinstance(value, dict):
+        return decoder, functools.partial(_lenient_list, item_type)
+    elif isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return decoder, _struct_fallback(tp)
+    return decoder, _drop
+
+
+def _drop(_: bytes | msgspec.Raw) -> Any:
+    return _DROP
+
+
+def _lenient_list(item_type: Any, raw: bytes | msgspec.Raw) -> Any:
+    try:
+        items = _RAW_ITEMS.decode(raw)[:MAX_LENIENT_ITEMS]
+    except msgspec.ValidationError:  # not an array
+        return _DROP
+    converted = (_lenient(item, item_type) for item in items)
+    return [item for item in converted if item is not _DROP]
+
+
+def _struct_fallback(tp: type[msgspec.Struct]) -> _Fallback:
+    """Read ``tp``'s fields one by one from raw JSON: each field's value is captured
+    unparsed, every other field skipped without building anything."""
+    fields = msgspec.structs.fields(tp)
+    mirror: msgspec.json.Decoder[Any] = msgspec.json.Decoder(
+        msgspec.defstruct(
+            f"Raw{tp.__name__}",
+            [(f.name, msgspec.Raw, _EMPTY_RAW) for f in fields],
+            rename={f.name: f.encode_name for f in fields},
+        )
+    )
+    names = [(f.name, f.type) for f in fields]
+
+    def fallback(raw: bytes | msgspec.Raw) -> Any:
+        try:
+            values = mirror.decode(raw)
+        except msgspec.ValidationError:  # not an object
             return _DROP
         kwargs: dict[str, Any] = {}
-        for field in msgspec.structs.fields(tp):
-            if field.encode_name in value:
-                converted = _lenient(value[field.encode_name], field.type)
+        for name, field_type in names:
+            value = getattr(values, name)
+            if len(value):  # present (a JSON value is never empty)
+                converted = _lenient(value, field_type)
                 if converted is not _DROP:
-                    kwargs[field.name] = converted
+                    kwargs[name] = converted
         return tp(**kwargs)
-    return _DROP
+
+    return fallback

@@ -14,7 +14,7 @@ def test_defaults() -> None:
     assert config.server.host == "127.0.0.1"
     assert config.enrich.path == "/enrich"
     assert config.enrich.max_age == 86400
-    assert config.enrich.max_body == 1048576
+    assert config.enrich.max_body == 65536
 
 
 def test_precedence_file_env_flags(tmp_path: Path) -> None:

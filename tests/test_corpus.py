@@ -9,8 +9,9 @@ import httpx2 as httpx
 import msgspec
 import pytest
 
+from enrich_server import openrtb
 from enrich_server.keys import request_keys
-from enrich_server.openrtb import BidRequest, _lenient, decode
+from enrich_server.openrtb import BidRequest, decode, decode_lenient
 from enrich_server.privacy import PrivacyPolicy, suppression_reason
 from enrich_server.snapshot import load_snapshots
 from tests.utils import run_server
@@ -22,14 +23,24 @@ def _files(corpus: Path, kind: str) -> list[Path]:
     return files
 
 
-def test_corpus_typed_and_lenient_decoding_agree(corpus: Path) -> None:
+@pytest.mark.parametrize(
+    "retry_bytes",
+    [
+        pytest.param(openrtb.MAX_RETRY_BYTES, id="small-values-whole"),
+        pytest.param(0, id="field-by-field"),
+    ],
+)
+def test_corpus_typed_and_lenient_decoding_agree(
+    corpus: Path, retry_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(openrtb, "MAX_RETRY_BYTES", retry_bytes)
     for path in _files(corpus, "valid"):
         body = path.read_bytes()
         try:
             typed = msgspec.json.decode(body, type=BidRequest)
         except msgspec.ValidationError:
             continue  # a real request with an odd field: only the lenient path applies
-        lenient = _lenient(msgspec.json.decode(body), BidRequest)
+        lenient = decode_lenient(body)
         assert lenient == typed, path.name
 
 

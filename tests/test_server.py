@@ -47,7 +47,7 @@ def test_server_errors_are_json_and_connection_survives(seed_bodies: dict[str, b
         assert bad.json()["error"].startswith("body is not JSON")
         big = client.post("/enrich", content=b"{" + b" " * (1 << 20) + b"}")
         assert big.status_code == 413
-        assert big.json() == {"error": "body larger than 1048576 bytes"}
+        assert big.json() == {"error": "body larger than 65536 bytes"}
         assert client.post("/enrich", content=seed_bodies["app"]).status_code == 200
         assert client.get("/nope").status_code == 404
 
