@@ -33,6 +33,7 @@ from enrich_server.guard import LoadGuard
 from enrich_server.log import setup_logging
 from enrich_server.metrics import Metrics, Tally
 from enrich_server.privacy import Privacy, PrivacyPolicy
+from enrich_server.protocol import CONNECTIONS_STATE_KEY, ConnectionLimits, Connections
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer
                 endpoint.store.refresh()
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+    async def lifespan(_: Starlette) -> AsyncIterator[dict[str, object]]:
         follower = StoreFollower(store_path)
         store = endpoint.store = follower.store
         guard.start(asyncio.get_running_loop())
@@ -120,7 +121,9 @@ def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer
             },
         )
         try:
-            yield
+            async with Connections(ConnectionLimits.of(config.server)) as connections:
+                # Each connection's HTTP protocol finds its limits here (lifespan state).
+                yield {CONNECTIONS_STATE_KEY: connections}
         finally:
             flusher.cancel()
             dmp.close()

@@ -48,6 +48,7 @@ from enrich_server.keys import NAMESPACES, parse_key
 from enrich_server.log import redacted, setup_logging
 from enrich_server.metrics import MULTIPROC_ENV
 from enrich_server.privacy import PrivacyPolicy, purposes_allowed
+from enrich_server.protocol import EnrichHttpProtocol
 from enrich_server.snapshot import export_lines, load_snapshots
 from enrich_server.store import DATA_FILE, SegmentStore, StoreWriter, store_dir
 
@@ -307,7 +308,8 @@ def _run_uvicorn(config: Config) -> None:
         port=config.server.port,
         workers=config.server.workers,
         loop="uvloop",
-        http="httptools",
+        http=EnrichHttpProtocol,
+        timeout_keep_alive=config.server.keepalive_timeout,
         lifespan="on",
         access_log=False,
         log_config=None,

@@ -75,6 +75,15 @@ def _not_negative(value: int) -> str | None:
     return None if value >= 0 else "must not be negative"
 
 
+#: The longest any timeout may be set to: an hour.
+MAX_TIMEOUT_SECONDS: Final = 3600.0
+
+
+def _seconds(value: float) -> str | None:
+    ok = 0 < value <= MAX_TIMEOUT_SECONDS  # also refuses nan
+    return None if ok else f"must be more than 0 and at most {MAX_TIMEOUT_SECONDS:g} seconds"
+
+
 def _http_path(value: str) -> str | None:
     return None if value.startswith("/") and " " not in value else "must be a path starting with /"
 
@@ -127,6 +136,20 @@ class ServerConfig:
     workers: int = _opt(1, "worker processes sharing the port and the store", _positive)
     store: str = _opt(str(EXAMPLE_STORE), "segment store directory (LMDB)")
     log_level: str = _opt("info", "lowest level logged: debug, info, warning, error", _log_level)
+    keepalive_timeout: int = _opt(
+        5, "seconds a connection may wait for its next request (or its first)", _positive
+    )
+    header_timeout: float = _opt(
+        5.0, "seconds from a request's first byte to the end of its headers", _seconds
+    )
+    body_timeout: float = _opt(
+        10.0, "seconds from the end of a request's headers to the end of its body", _seconds
+    )
+    max_idle_connections: int = _opt(
+        4096,
+        "idle keep-alive connections a worker keeps; one more closes the longest idle",
+        _positive,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,13 @@ def test_missing_file(tmp_path: Path) -> None:
         ({"ENRICH_SERVER_PROT": "1"}, "unknown environment variable ENRICH_SERVER_PROT"),
         ({"ENRICH_SERVER_PORT": "eighty"}, "ENRICH_SERVER_PORT: 'eighty' is not a number"),
         ({"ENRICH_ENRICH_MAX_AGE": "-1"}, "ENRICH_ENRICH_MAX_AGE: -1 must not be negative"),
+        (
+            {"ENRICH_SERVER_HEADER_TIMEOUT": "0"},
+            "ENRICH_SERVER_HEADER_TIMEOUT: 0.0 must be more than 0 and at most 3600 seconds",
+        ),
+        ({"ENRICH_SERVER_BODY_TIMEOUT": "nan"}, "ENRICH_SERVER_BODY_TIMEOUT: nan must be more"),
+        ({"ENRICH_SERVER_BODY_TIMEOUT": "inf"}, "ENRICH_SERVER_BODY_TIMEOUT: inf must be more"),
+        ({"ENRICH_SERVER_MAX_IDLE_CONNECTIONS": "0"}, "MAX_IDLE_CONNECTIONS: 0 must be at least"),
     ],
 )
 def test_bad_environment(environ: dict[str, str], message: str) -> None:

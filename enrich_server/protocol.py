@@ -1,0 +1,232 @@
+"""The HTTP/1.1 protocol ``serve`` runs: uvicorn's httptools protocol, hardened.
+
+Three things plain uvicorn does not do, each a way for one caller to hurt every other caller
+of a worker:
+
+* **Read timeouts.** uvicorn only times out a connection that is idle after a response. A
+  client that opens a connection and sends nothing, or trickles its headers (slowloris) or
+  its body a byte at a time, would hold it forever. Each connection here carries a deadline
+  for the phase it is in (waiting for a request, reading headers, reading the body); a sweep
+  once per ``SWEEP_SECONDS`` closes those past it. Setting a deadline is one float store per
+  phase, no timer per request.
+* **A cap on idle connections per worker**: past ``max_idle_connections``, opening one more
+  closes the longest-idle one (a keep-alive client reconnects; nobody in the middle of a
+  request is cut).
+* **Upgrade headers are ignored** (RFC 9110 section 7.8: a server may ignore them; we serve
+  no other protocol). llhttp stops at the end of the headers of a request that asks for an
+  upgrade and reports the rest of the stream as the new protocol's bytes, so uvicorn answered
+  such a request (``curl --http2`` sends ``Upgrade: h2c``) with an empty body and never read
+  what was pipelined after it. Here the rest is fed to a fresh parser, behind a synthetic head
+  that carries the request's own framing, so its body and whatever follows are read as HTTP/1.1.
+
+The limits travel from the app's lifespan to each connection in the lifespan state
+(``CONNECTIONS_STATE_KEY``), the ASGI way of sharing per-worker objects with the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Final
+
+import httptools
+from uvicorn.config import Config as UvicornConfig
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from enrich_server.config import ServerConfig
+
+#: Where the lifespan state holds the worker's ``Connections``.
+CONNECTIONS_STATE_KEY: Final = "enrich_server.connections"
+#: How often deadlines are checked: a timeout fires up to this much late.
+SWEEP_SECONDS: Final = 0.25
+_NEVER: Final = math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """How long a client may take, and how many idle connections a worker keeps."""
+
+    idle_timeout: float  # connected (or after a response), no request started
+    header_timeout: float  # first byte of a request to the end of its headers
+    body_timeout: float  # end of the headers to the end of the body
+    max_idle_connections: int
+
+    @classmethod
+    def of(cls, server: ServerConfig) -> ConnectionLimits:
+        """The limits ``[server]`` sets."""
+        return cls(
+            idle_timeout=server.keepalive_timeout,
+            header_timeout=server.header_timeout,
+            body_timeout=server.body_timeout,
+            max_idle_connections=server.max_idle_connections,
+        )
+
+
+class Connections:
+    """A worker's open connections: their deadlines, swept, and the idle ones, capped."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        self.open: set[EnrichHttpProtocol] = set()
+        # Insertion order is idleness order: the first entry has been idle longest.
+        self.idle: OrderedDict[EnrichHttpProtocol, None] = OrderedDict()
+        self.timed_out = 0
+        self.evicted = 0
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Connections:
+        """Start sweeping deadlines (on the running loop) until the block ends."""
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    def became_idle(self, connection: EnrichHttpProtocol) -> None:
+        """``connection`` waits for a request; close the longest-idle one past the cap."""
+        self.idle[connection] = None
+        if len(self.idle) > self.limits.max_idle_connections:
+            oldest, _ = self.idle.popitem(last=False)
+            self.evicted += 1
+            oldest.close()
+
+    def sweep(self, now: float) -> None:
+        """Close every connection past its deadline."""
+        expired = [c for c in self.open if c.deadline < now]
+        for connection in expired:
+            self.timed_out += 1
+            connection.close()
+
+    async def _sweep_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            self.sweep(loop.time())
+
+
+class EnrichHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with read deadlines, an idle cap and Upgrade ignored."""
+
+    def __init__(
+        self,
+        config: UvicornConfig,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        registry = app_state.get(CONNECTIONS_STATE_KEY)
+        # None only for an app without our lifespan (embedding): plain uvicorn behaviour.
+        self._registry: Connections | None = registry
+        self.deadline = _NEVER
+        self._reading = False  # between a request's first byte and its last
+        self._upgrade_framing: bytes | None = None  # set while an ignored upgrade is resumed
+        self._replaying_head = False
+
+    # Deadlines and idleness.
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        registry = self._registry
+        if registry is not None:
+            registry.open.add(self)
+            self.deadline = self.loop.time() + registry.limits.idle_timeout
+            registry.became_idle(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        registry = self._registry
+        if registry is not None:
+            registry.open.discard(self)
+            registry.idle.pop(self, None)
+        super().connection_lost(exc)
+
+    def close(self) -> None:
+        """Close the connection (a deadline passed, or evicted as the longest idle)."""
+        self.deadline = _NEVER
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        if self._replaying_head:
+            return
+        super().on_message_begin()
+        self._reading = True
+        registry = self._registry
+        if registry is not None:
+            registry.idle.pop(self, None)
+            self.deadline = self.loop.time() + registry.limits.header_timeout
+
+    def on_url(self, url: bytes) -> None:
+        if not self._replaying_head:
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._replaying_head:
+            super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._replaying_head:
+            self._replaying_head = False  # the body that follows is the upgraded request's
+            return
+        super().on_headers_complete()
+        if self.parser.should_upgrade():
+            self._upgrade_framing = _framing(self.headers)
+        registry = self._registry
+        if registry is not None:
+            self.deadline = self.loop.time() + registry.limits.body_timeout
+
+    def on_message_complete(self) -> None:
+        if self._upgrade_framing is not None:
+            return  # llhttp stopped at the headers: the body is still to be read
+        super().on_message_complete()
+        self._reading = False
+        self.deadline = _NEVER  # the app's turn; after the response, uvicorn's keep-alive
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        registry = self._registry
+        waiting = not self._reading and (self.cycle is None or self.cycle.response_complete)
+        if registry is not None and waiting and not self.transport.is_closing():
+            registry.became_idle(self)
+
+    # Upgrade ignored.
+
+    def _should_upgrade(self) -> bool:
+        return False  # no WebSocket (or other protocol) is served here
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
+        except httptools.HttpParserUpgrade as upgrade:
+            self._resume_after_upgrade(data[upgrade.args[0] :])
+
+    def _resume_after_upgrade(self, rest: bytes) -> None:
+        """Read ``rest`` (the body of the request that asked for an upgrade, and anything
+        pipelined after it) with a fresh parser, as HTTP/1.1."""
+        framing = self._upgrade_framing or b"content-length: 0\r\n"
+        self._upgrade_framing = None
+        self.parser = httptools.HttpRequestParser(self)
+        with contextlib.suppress(AttributeError):  # httptools < 0.6.3, as uvicorn does
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self._replaying_head = True
+        self.data_received(b"POST / HTTP/1.1\r\n" + framing + b"\r\n" + rest)
+
+
+def _framing(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The header that frames a request's body, as a header line to hand a fresh parser."""
+    for name, value in headers:
+        if name == b"transfer-encoding" and b"chunked" in value.lower():
+            return b"transfer-encoding: chunked\r\n"
+    for name, value in headers:
+        if name == b"content-length":
+            return b"content-length: " + value + b"\r\n"
+    return b"content-length: 0\r\n"
