@@ -45,7 +45,13 @@ import msgspec
 from enrich_server import bulk_worker
 from enrich_server.bulk_worker import Chunk, Parsed, Sorted, intern_segment, write_txn
 from enrich_server.errors import SnapshotError, StoreError
-from enrich_server.generations import BUILD_PREFIX, Lease, publish, remove_unused
+from enrich_server.generations import (
+    BUILD_PREFIX,
+    Lease,
+    first_build_dir,
+    publish,
+    remove_unused,
+)
 from enrich_server.progress import Progress
 from enrich_server.snapshot import MAX_REPORTED_PROBLEMS, LoadReport, parse_line
 from enrich_server.store import (
@@ -228,7 +234,7 @@ def build(
     """
     live = store_dir(root) if (store_dir(root) / DATA_FILE).is_file() else None
     if live is None:
-        building = root.with_name(f".{root.name}.building-{os.getpid()}")
+        building = first_build_dir(root)
         shutil.rmtree(building, ignore_errors=True)
     else:
         building = root / f"{BUILD_PREFIX}{os.getpid()}"

@@ -13,10 +13,8 @@ import datetime
 import functools
 import logging
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -44,6 +42,7 @@ from enrich_server.dropfiles import (
     process_directory,
 )
 from enrich_server.errors import ConfigError, EnrichError, SnapshotError
+from enrich_server.generations import remove_dead_builds
 from enrich_server.keys import NAMESPACES, parse_key
 from enrich_server.log import redacted, setup_logging
 from enrich_server.metrics import MULTIPROC_ENV
@@ -51,6 +50,8 @@ from enrich_server.privacy import PrivacyPolicy, purposes_allowed
 from enrich_server.protocol import EnrichHttpProtocol
 from enrich_server.snapshot import export_lines, load_snapshots
 from enrich_server.store import DATA_FILE, SegmentStore, StoreWriter, store_dir
+from enrich_server.tempdirs import INGEST_PREFIX, METRICS_PREFIX, remove_abandoned
+from enrich_server.tempdirs import owned as owned_tempdir
 
 log = logging.getLogger("enrich_server")
 
@@ -249,7 +250,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     setup_logging(config.server.log_level)
     SegmentStore(Path(config.server.store)).close()  # fail here, clearly, not in each worker
-    metrics_dir = _multiprocess_metrics_dir() if config.server.workers > 1 else None
+    _remove_leftovers(Path(config.server.store))
     log.info(
         "starting",
         extra={"version": __version__, "config": redacted(dataclasses.asdict(config))},
@@ -260,19 +261,25 @@ def _serve(args: argparse.Namespace) -> int:
     # the clean-up below (the ingestion process, the temporary directories).
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        try:
-            with _ingestion_process(config) as socket_path:
-                if socket_path is not None:
-                    os.environ[INGEST_SOCKET_VARIABLE] = socket_path
-                _run_uvicorn(config)
-        finally:
-            if metrics_dir is not None:
-                shutil.rmtree(metrics_dir, ignore_errors=True)
+        with contextlib.ExitStack() as resources:
+            if config.server.workers > 1:
+                resources.enter_context(_multiprocess_metrics_dir())
+            socket_path = resources.enter_context(_ingestion_process(config))
+            if socket_path is not None:
+                os.environ[INGEST_SOCKET_VARIABLE] = socket_path
+            _run_uvicorn(config)
     except _TerminatedError:
         # Cleaned up: now end as the signal says (systemd counts that as a clean stop).
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.raise_signal(signal.SIGTERM)
     return 0
+
+
+def _remove_leftovers(store: Path) -> None:
+    """Remove what a killed ``serve`` or ``load`` left: temporary directories, dead builds."""
+    removed = [str(path) for path in remove_abandoned()] + remove_dead_builds(store)
+    if removed:
+        log.info("removed what a killed process left", extra={"removed": removed})
 
 
 class _TerminatedError(Exception):
@@ -290,14 +297,13 @@ def _ingestion_process(config: Config) -> Iterator[str | None]:
     if not config.platforms:
         yield None
         return
-    folder = Path(tempfile.mkdtemp(prefix="enrich-server-ingest-"))
-    supervisor = ingestd.Supervisor(config, str(folder / "ingest.sock"))
-    try:
-        supervisor.start()
-        yield supervisor.socket_path
-    finally:
-        supervisor.stop()
-        shutil.rmtree(folder, ignore_errors=True)
+    with owned_tempdir(INGEST_PREFIX) as folder:
+        supervisor = ingestd.Supervisor(config, str(folder / "ingest.sock"))
+        try:
+            supervisor.start()
+            yield supervisor.socket_path
+        finally:
+            supervisor.stop()
 
 
 def _run_uvicorn(config: Config) -> None:
@@ -318,22 +324,25 @@ def _run_uvicorn(config: Config) -> None:
     )
 
 
-def _multiprocess_metrics_dir() -> Path | None:
-    """Give the workers an empty directory for their metrics files (spawned workers import
-    prometheus_client after this, so they all write there); returns one made here, to remove
-    at exit, or ``None`` when the operator chose the directory (then only emptied)."""
+@contextlib.contextmanager
+def _multiprocess_metrics_dir() -> Iterator[None]:
+    """Give the workers an empty directory for their metrics files while the block runs
+    (spawned workers import prometheus_client after this, so they all write there): one made
+    here and removed after, or the operator's own (then only emptied)."""
     chosen = os.environ.get(MULTIPROC_ENV)
     if chosen:
         for stale in Path(chosen).glob("*.db"):
             stale.unlink()
-        return None
-    made = Path(tempfile.mkdtemp(prefix="enrich-server-metrics-"))
-    os.environ[MULTIPROC_ENV] = str(made)
-    return made
+        yield
+        return
+    with owned_tempdir(METRICS_PREFIX) as made:
+        os.environ[MULTIPROC_ENV] = str(made)
+        yield
 
 
 def _load(args: argparse.Namespace) -> int:
     setup_logging("info")
+    _remove_leftovers(Path(args.store))
     started = time.monotonic()
     report = load_snapshots(
         args.snapshots, args.store, replace=args.replace, progress=not args.quiet

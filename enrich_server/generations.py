@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import logging
 import os
 import re
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 GENERATION_PREFIX: Final = "gen-"
 BUILD_PREFIX: Final = ".build-"
+_FIRST_BUILD_INFIX: Final = ".building-"
 _GENERATION: Final = re.compile(r"gen-(\d{6,})")
 _LEGACY_FILES: Final = (DATA_FILE, "lock.mdb")
 
@@ -103,16 +105,36 @@ def _unused(directory: Path) -> bool:
     return True
 
 
+def first_build_dir(root: Path) -> Path:
+    """Where the first load of a store at ``root`` builds (beside it: ``root`` appears only
+    once the build is complete)."""
+    return root.with_name(f".{root.name}{_FIRST_BUILD_INFIX}{os.getpid()}")
+
+
+def remove_dead_builds(root: Path) -> list[str]:
+    """Delete the builds of the store at ``root`` whose builder died (their lock is free):
+    ``root/.build-*``, and a first load's build beside ``root``; returns what was removed."""
+    candidates = sorted(root.parent.glob(f".{glob.escape(root.name)}{_FIRST_BUILD_INFIX}*"))
+    if root.is_dir():
+        candidates += sorted(root.glob(f"{BUILD_PREFIX}*"))
+    removed: list[str] = []
+    for path in candidates:
+        if _unused(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
 def remove_unused(root: Path) -> list[str]:
     """Delete the generations, dead builds and plain-layout files that no process holds;
     returns what was removed. The current generation is never removed."""
+    removed = remove_dead_builds(root)
     current = current_target(root)
     if current is None:
-        return []  # a plain store: nothing was ever superseded
-    removed: list[str] = []
+        return removed  # a plain store: nothing was ever superseded
     for entry in sorted(os.listdir(root)):
         superseded = _number(entry) is not None and entry != current
-        if (superseded or entry.startswith(BUILD_PREFIX)) and _unused(root / entry):
+        if superseded and _unused(root / entry):
             # A lease taken right after this check is harmless: that reader re-resolves
             # ``current`` once it holds its lease (see ``open_current``).
             shutil.rmtree(root / entry, ignore_errors=True)

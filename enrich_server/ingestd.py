@@ -232,11 +232,12 @@ async def _serve(config: Config, socket_path: str, parent: int, ready: Event) ->
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    ready.set()
+    # Logged before the parent is told: tests (and operators) read the pid from this line.
     log.info(
         "ingestion process ready",
         extra={"pid": os.getpid(), "store": str(root), "socket": socket_path},
     )
+    ready.set()
     flushed = loop.time()
     try:
         while not stopping.is_set() and os.getppid() == parent:
