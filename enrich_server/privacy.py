@@ -28,10 +28,12 @@ it: never for purpose 1, and not for purposes 3-6 from policy version 4 (TCF 2.2
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from enrich_server import gpp, tcf
 from enrich_server.openrtb import BidRequest, consent, gdpr, us_privacy
+
+_Key = TypeVar("_Key", str, tuple[str, tuple[int, ...]])
 
 COPPA: Final = "coppa"
 US_PRIVACY: Final = "us_privacy"
@@ -48,7 +50,13 @@ _US_PRIVACY_OPT_OUT_INDEX: Final = 2
 # TCF policy version 4 (TCF 2.2) removed legitimate interest as a basis for purposes 3-6.
 _TCF_22_POLICY: Final = 4
 _CONSENT_ONLY_FROM_22: Final = frozenset({3, 4, 5, 6})
-_MAX_CACHED: Final = 10_000
+#: Decision caches: strings longer than ``MAX_CACHED_CHARS`` are decided every time rather
+#: than kept (real consent and GPP strings are well under it), and a cache is emptied when
+#: it would pass ``MAX_CACHED`` entries or ``CACHE_BUDGET_CHARS`` characters of keys, so
+#: each holds a few MB whatever callers send.
+MAX_CACHED: Final = 10_000
+MAX_CACHED_CHARS: Final = 4_096
+CACHE_BUDGET_CHARS: Final = 2_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,13 +90,33 @@ def purposes_allowed(tc: tcf.CoreView, purposes: tuple[int, ...], vendor: int) -
     return True
 
 
+class _Decisions(dict[_Key, str | None]):
+    """A decision cache: a plain dict for hits, bounded in entries and key characters."""
+
+    __slots__ = ("chars",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chars = 0
+
+    def keep(self, key: _Key, chars: int, decision: str | None) -> None:
+        """Remember ``decision`` for ``key`` (``chars`` long) unless that is too big."""
+        if chars > MAX_CACHED_CHARS:
+            return
+        if len(self) >= MAX_CACHED or self.chars + chars > CACHE_BUDGET_CHARS:
+            self.clear()
+            self.chars = 0
+        self[key] = decision
+        self.chars += chars
+
+
 class Privacy:
     """Applies a ``PrivacyPolicy`` to requests; consent strings are decided once each."""
 
     def __init__(self, policy: PrivacyPolicy | None = None) -> None:
         self.policy = policy if policy is not None else PrivacyPolicy()
-        self._decisions: dict[str, str | None] = {}
-        self._gpp_decisions: dict[tuple[str, tuple[int, ...]], str | None] = {}
+        self._decisions: _Decisions[str] = _Decisions()
+        self._gpp_decisions: _Decisions[tuple[str, tuple[int, ...]]] = _Decisions()
 
     def suppression_reason(self, request: BidRequest) -> str | None:
         """Why user-level segments must be withheld, or ``None`` when they may be served."""
@@ -115,9 +143,7 @@ class Privacy:
         except KeyError:
             pass
         decision = self._decide_gpp(gpp_string, applicable)
-        if len(self._gpp_decisions) >= _MAX_CACHED:
-            self._gpp_decisions.clear()
-        self._gpp_decisions[key] = decision
+        self._gpp_decisions.keep(key, len(gpp_string) + len(applicable), decision)
         return decision
 
     def _decide_gpp(self, gpp_string: str, applicable: tuple[int, ...]) -> str | None:
@@ -162,9 +188,7 @@ class Privacy:
             decision: str | None = GDPR_NO_CONSENT
         else:
             decision = None if allowed else GDPR_DENIED
-        if len(self._decisions) >= _MAX_CACHED:
-            self._decisions.clear()
-        self._decisions[consent_string] = decision
+        self._decisions.keep(consent_string, len(consent_string), decision)
         return decision
 
 

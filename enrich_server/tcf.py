@@ -9,6 +9,7 @@ whether we may use a user's data, and are not read.
 
 from __future__ import annotations
 
+import binascii
 from dataclasses import dataclass
 from typing import Final
 
@@ -40,40 +41,62 @@ class TCString:
     vendors_legitimate_interest: frozenset[int]
 
 
-_ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-_SEXTETS: Final = {char: index for index, char in enumerate(_ALPHABET)}
+#: The longest TCF string we read, in characters. The standard sets none; real strings
+#: (core segment with a bit field of every vendor, publisher restrictions, disclosed vendors)
+#: stay under 4 KB. A longer one is unreadable, refused before any decoding.
+MAX_CONSENT_CHARS: Final = 32_768
+
+# base64url -> standard base64, and the standard-only characters made invalid, so that
+# ``binascii`` (strict mode) accepts exactly the base64url alphabet.
+_TO_STANDARD: Final = str.maketrans({"-": "+", "_": "/", "+": "!", "/": "!", "=": "!"})
+_PADDING: Final = ("", "AAA", "AA", "A")
 
 
-def base64url_bits(text: str) -> tuple[int, int]:
-    """The bits of a base64url string as (integer, bit count), six bits a character.
+class Bits:
+    """The bits of a base64url string, six a character, read at any bit offset.
 
-    IAB strings are cut at any character (a length that standard base64 would call invalid
-    is fine), so characters are decoded one by one rather than as bytes.
+    IAB strings are cut at any character (a length that standard base64 would call invalid),
+    so the text is padded with zero sextets before decoding to bytes; ``size`` counts only the
+    bits of the text. Decoding and each read are linear in their length (no big integer is
+    built from the whole string).
     """
-    value = 0
-    try:
-        for char in text:
-            value = value << 6 | _SEXTETS[char]
-    except KeyError:
-        raise ConsentError(f"not base64url: {char!r}") from None
-    return value, len(text) * 6
 
+    __slots__ = ("_data", "size")
 
-class _Bits:
-    def __init__(self, text: str) -> None:
-        self.value, self.size = base64url_bits(text)
+    def __init__(self, text: str, limit: int = MAX_CONSENT_CHARS) -> None:
+        if len(text) > limit:
+            raise ConsentError(f"longer than {limit} characters")
+        try:
+            self._data = binascii.a2b_base64(
+                (text + _PADDING[len(text) % 4]).translate(_TO_STANDARD), strict_mode=True
+            )
+        except (binascii.Error, ValueError):
+            raise ConsentError("not base64url") from None
+        self.size = len(text) * 6
 
     def read(self, offset: int, width: int) -> int:
-        if offset + width > self.size:
+        """The ``width``-bit unsigned integer at bit ``offset``; raises if past the end."""
+        end = offset + width
+        if end > self.size:
             raise ConsentError("consent string is truncated")
-        return (self.value >> (self.size - offset - width)) & ((1 << width) - 1)
+        first, last = offset >> 3, (end + 7) >> 3
+        chunk = int.from_bytes(self._data[first:last], "big")
+        return (chunk >> ((last << 3) - end)) & ((1 << width) - 1)
 
     def set_of(self, offset: int, width: int) -> frozenset[int]:
+        """The 1-based positions of the bits set in the ``width`` bits at ``offset``."""
         field = self.read(offset, width)
         return frozenset(i + 1 for i in range(width) if field >> (width - 1 - i) & 1)
 
 
-def _vendor_ranges(bits: _Bits, offset: int) -> tuple[int, list[tuple[int, int]] | None, int]:
+def _core(consent: str) -> str:
+    """The core segment of a TC string; the length limit is checked before any copy."""
+    if len(consent) > MAX_CONSENT_CHARS:
+        raise ConsentError(f"longer than {MAX_CONSENT_CHARS} characters")
+    return consent.split(".", 1)[0].strip()
+
+
+def _vendor_ranges(bits: Bits, offset: int) -> tuple[int, list[tuple[int, int]] | None, int]:
     """Read a vendor section's header: (max vendor id, ranges or ``None`` for a bit field,
     offset of its bit field or of the next section)."""
     max_vendor = bits.read(offset, 16)
@@ -97,7 +120,7 @@ def _vendor_ranges(bits: _Bits, offset: int) -> tuple[int, list[tuple[int, int]]
     return max_vendor, ranges, offset
 
 
-def _vendor_has(bits: _Bits, offset: int, vendor: int) -> tuple[bool, int]:
+def _vendor_has(bits: Bits, offset: int, vendor: int) -> tuple[bool, int]:
     """Whether the vendor section at ``offset`` lists ``vendor``; and the next offset."""
     max_vendor, ranges, offset = _vendor_ranges(bits, offset)
     if ranges is None:  # a bit field, one bit per vendor id
@@ -116,7 +139,7 @@ class CoreView:
     __slots__ = ("_bits", "policy_version", "purposes_consent", "purposes_li")
 
     def __init__(self, consent: str) -> None:
-        self._bits = _Bits(consent.split(".", 1)[0].strip())
+        self._bits = Bits(_core(consent))
         version = self._bits.read(*_VERSION)
         if version != 2:
             raise ConsentError(f"TCF version {version}, not 2")
@@ -139,7 +162,7 @@ class CoreView:
         return consented, li
 
 
-def _vendor_section(bits: _Bits, offset: int) -> tuple[frozenset[int], int]:
+def _vendor_section(bits: Bits, offset: int) -> tuple[frozenset[int], int]:
     """One vendor section (bit field or ranges); returns the vendor ids and the next offset."""
     max_vendor, ranges, offset = _vendor_ranges(bits, offset)
     if ranges is None:
@@ -149,7 +172,7 @@ def _vendor_section(bits: _Bits, offset: int) -> tuple[frozenset[int], int]:
 
 def decode(consent: str) -> TCString:
     """Decode the core segment of a TCF v2 string; raises ``ConsentError`` if it is not one."""
-    bits = _Bits(consent.split(".", 1)[0].strip())
+    bits = Bits(_core(consent))
     version = bits.read(*_VERSION)
     if version != 2:
         raise ConsentError(f"TCF version {version}, not 2")

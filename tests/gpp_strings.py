@@ -4,6 +4,10 @@ opt-outs. Real strings seen in traffic check the decoder too (tests/test_gpp.py)
 from __future__ import annotations
 
 import base64
+import json
+
+# Seen in a real bid request next to us_privacy "1YNY": US national, notices given, no opt-out.
+REAL_USNAT = "DBABLA~BVQqAAAAAAJY.QA"
 
 
 def _b64(bits: str) -> str:
@@ -32,6 +36,19 @@ def header(ids: list[int]) -> str:
         bits += "0" + _fibonacci(section - last)
         last = section
     return _b64(bits)
+
+
+def header_with_range(start: int, span: int) -> str:
+    """A GPP header with one range entry: ids ``start`` to ``start + span``."""
+    return _b64(f"{3:06b}{1:06b}{1:012b}1" + _fibonacci(start) + _fibonacci(span))
+
+
+def gpp_body(gpp_value: str, sid: list[int] | None = None) -> bytes:
+    """A bid request carrying ``regs.gpp`` (and ``regs.gpp_sid`` when given) and a user id."""
+    regs: dict[str, object] = {"gpp": gpp_value}
+    if sid is not None:
+        regs["gpp_sid"] = sid
+    return json.dumps({"regs": regs, "user": {"id": "u"}}).encode()
 
 
 def us_section(opt_outs: dict[int, int], width: int = 30) -> str:

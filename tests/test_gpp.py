@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from enrich_server import gpp
@@ -16,12 +14,9 @@ from enrich_server.privacy import (
     PrivacyPolicy,
     suppression_reason,
 )
-from tests.gpp_strings import gpp_string, header, us_section
+from tests.gpp_strings import REAL_USNAT, gpp_body, gpp_string, header, us_section
 from tests.tcf_strings import CONSENTED
 from tests.test_privacy import RANGES
-
-# Seen in a real bid request next to us_privacy "1YNY": US national, notices given, no opt-out.
-REAL_USNAT = "DBABLA~BVQqAAAAAAJY.QA"
 
 
 @pytest.mark.parametrize(
@@ -60,36 +55,29 @@ def test_us_opt_outs(section_id: int, field: str, offset: int) -> None:
     assert not gpp.us_opted_out(section_id, us_section({offset: 0})), field  # not applicable
 
 
-def request(gpp_value: str, sid: list[int] | None = None) -> bytes:
-    regs: dict[str, object] = {"gpp": gpp_value}
-    if sid is not None:
-        regs["gpp_sid"] = sid
-    return json.dumps({"regs": regs, "user": {"id": "u"}}).encode()
-
-
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
-        pytest.param(request(REAL_USNAT, [7]), None, id="real-usnat-no-opt-out"),
-        pytest.param(request(gpp_string({7: us_section({18: 1})}), [7]), GPP_OPT_OUT,
+        pytest.param(gpp_body(REAL_USNAT, [7]), None, id="real-usnat-no-opt-out"),
+        pytest.param(gpp_body(gpp_string({7: us_section({18: 1})}), [7]), GPP_OPT_OUT,
                      id="usnat-sale-opt-out"),
-        pytest.param(request(gpp_string({8: us_section({14: 1})})), GPP_OPT_OUT,
+        pytest.param(gpp_body(gpp_string({8: us_section({14: 1})})), GPP_OPT_OUT,
                      id="usca-sharing-no-sid-means-all"),
-        pytest.param(request(gpp_string({7: us_section({}), 9: us_section({14: 1})}), [7]),
+        pytest.param(gpp_body(gpp_string({7: us_section({}), 9: us_section({14: 1})}), [7]),
                      None, id="opt-out-in-a-section-not-applicable"),
-        pytest.param(request(gpp_string({7: us_section({}), 9: us_section({14: 1})}), [7, 9]),
+        pytest.param(gpp_body(gpp_string({7: us_section({}), 9: us_section({14: 1})}), [7, 9]),
                      GPP_OPT_OUT, id="va-targeted-opt-out-applicable"),
-        pytest.param(request(gpp_string({2: CONSENTED}), [2]), None, id="tcf-eu-consented"),
-        pytest.param(request(gpp_string({2: RANGES}), [2]), GDPR_DENIED, id="tcf-eu-denied"),
-        pytest.param(request(gpp_string({6: "1YYN"}), [6]), US_PRIVACY, id="usp-section"),
-        pytest.param(request(gpp_string({6: "1YNN"}), [6]), None, id="usp-section-no-opt-out"),
-        pytest.param(request(gpp_string({21: us_section({})}), [21]), GPP_UNREADABLE,
+        pytest.param(gpp_body(gpp_string({2: CONSENTED}), [2]), None, id="tcf-eu-consented"),
+        pytest.param(gpp_body(gpp_string({2: RANGES}), [2]), GDPR_DENIED, id="tcf-eu-denied"),
+        pytest.param(gpp_body(gpp_string({6: "1YYN"}), [6]), US_PRIVACY, id="usp-section"),
+        pytest.param(gpp_body(gpp_string({6: "1YNN"}), [6]), None, id="usp-section-no-opt-out"),
+        pytest.param(gpp_body(gpp_string({21: us_section({})}), [21]), GPP_UNREADABLE,
                      id="unknown-applicable-section"),
-        pytest.param(request("DBABLA~"), GPP_UNREADABLE, id="truncated-section"),
-        pytest.param(request("not gpp at all"), GPP_UNREADABLE, id="garbage"),
-        pytest.param(request("DBABLA~BVQqAAAAAAJY.QA~extra"), GPP_UNREADABLE,
+        pytest.param(gpp_body("DBABLA~"), GPP_UNREADABLE, id="truncated-section"),
+        pytest.param(gpp_body("not gpp at all"), GPP_UNREADABLE, id="garbage"),
+        pytest.param(gpp_body("DBABLA~BVQqAAAAAAJY.QA~extra"), GPP_UNREADABLE,
                      id="more-sections-than-header"),
-        pytest.param(request(gpp_string({7: us_section({})}), [8]), None,
+        pytest.param(gpp_body(gpp_string({7: us_section({})}), [8]), None,
                      id="applicable-section-absent"),
     ],
 )  # fmt: skip
@@ -98,5 +86,5 @@ def test_gpp_privacy_decision(body: bytes, reason: str | None) -> None:
 
 
 def test_gpp_switch_off() -> None:
-    body = request(gpp_string({7: us_section({18: 1})}), [7])
+    body = gpp_body(gpp_string({7: us_section({18: 1})}), [7])
     assert suppression_reason(decode(body), PrivacyPolicy(honour_gpp=False)) is None

@@ -8,6 +8,8 @@ from enrich_server import tcf
 from tests.tcf_strings import core_string
 from tests.test_privacy import BITFIELD, RANGES
 
+BASE64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
 
 def test_decode_bitfield_string() -> None:
     tc = tcf.decode(BITFIELD)
@@ -71,3 +73,44 @@ def test_core_view_agrees_with_full_decode(consent: str) -> None:
             vendor in full.vendors_consent,
             vendor in full.vendors_legitimate_interest,
         ), vendor
+
+
+def test_bits_read_at_any_offset_matches_the_sextets() -> None:
+    text = core_string(purposes_consent=(1, 5, 24), vendors_consent=(3, 700))
+    as_int = 0
+    for char in text:
+        as_int = as_int << 6 | BASE64URL.index(char)
+    bits = tcf.Bits(text)
+    assert bits.size == len(text) * 6
+    for offset, width in [(0, 6), (5, 3), (7, 17), (152, 24), (bits.size - 9, 9)]:
+        expected = (as_int >> (bits.size - offset - width)) & ((1 << width) - 1)
+        assert bits.read(offset, width) == expected, (offset, width)
+    with pytest.raises(tcf.ConsentError):
+        bits.read(bits.size - 3, 4)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("AB+C", id="standard-plus"),
+        pytest.param("AB/C", id="standard-slash"),
+        pytest.param("ABC=", id="padding"),
+        pytest.param("AB C", id="space"),
+        pytest.param("ABé", id="non-ascii"),
+    ],
+)
+def test_bits_accept_only_the_base64url_alphabet(text: str) -> None:
+    with pytest.raises(tcf.ConsentError):
+        tcf.Bits(text)
+
+
+def test_a_string_at_the_limit_is_read_and_one_past_it_refused() -> None:
+    # Our vendor 60,000 in a 60,000-bit field: a real decode of an 10 KB core segment, then
+    # padded with a disclosed-vendors segment to exactly the limit.
+    core = core_string(purposes_consent=(1, 3, 4), vendors_consent=(2, 60_000))
+    at_limit = core + "." + "A" * (tcf.MAX_CONSENT_CHARS - len(core) - 1)
+    assert len(at_limit) == tcf.MAX_CONSENT_CHARS
+    assert tcf.CoreView(at_limit).vendor(60_000) == (True, False)
+    assert 60_000 in tcf.decode(at_limit).vendors_consent
+    with pytest.raises(tcf.ConsentError, match="longer than"):
+        tcf.CoreView(at_limit + "A")
