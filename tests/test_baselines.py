@@ -87,7 +87,7 @@ def _redis_contents(url: str) -> dict[str, list[list[str | int]]]:
 
 
 def _enrich_server_answers(store: Path, bodies: list[bytes]) -> list[Answer]:
-    app = create_app(load_config(flags={"server.store": str(store)}))
+    app = create_app(load_config(flags={"server.store": str(store), "enrich.guard_lag_ms": 0.0}))
     answers: list[Answer] = []
     with TestClient(app) as client:
         for body in bodies:

@@ -26,6 +26,8 @@ def client_for(make_store: StoreFactory) -> Iterator[ClientFactory]:
 
     def start(snapshot: str, **enrich: object) -> TestClient:
         store = make_store(snapshot)
+        # The guard off, as for the real-server tests: a loaded VM's lag must not shed here.
+        enrich = {"guard_lag_ms": 0.0, **enrich}
         flags = {"server.store": str(store), **{f"enrich.{k}": v for k, v in enrich.items()}}
         client = TestClient(create_app(load_config(flags=flags)))
         client.__enter__()

@@ -72,7 +72,8 @@ def test_enrich_sheds_with_empty_no_cache_and_counts(
     make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = make_store("uid:u\tx\n")
-    app = create_app(load_config(flags={"server.store": str(store)}))
+    # The guard's own decision is forced below; its lag estimate stays out of the way.
+    app = create_app(load_config(flags={"server.store": str(store), "enrich.guard_lag_ms": 0.0}))
     with TestClient(app) as client:
         body = b'{"user":{"id":"u"}}'
         assert client.post("/enrich", content=body).json() == {"segment_ids": ["x"]}
