@@ -39,6 +39,12 @@ _EMPTY_HEADERS: Final = [
     (b"content-length", b"%d" % len(EMPTY_BODY)),
 ]
 _ERROR_ENCODER: Final = msgspec.json.Encoder()
+_USE_POST: Final = _ERROR_ENCODER.encode({"error": "use POST"})
+_ALLOW_POST: Final = ((b"allow", b"POST"),)
+_BEARER_CHALLENGE: Final = ((b"www-authenticate", b"Bearer"),)
+
+#: An answer: HTTP status, Cache-Control value, JSON body, and any further headers.
+Reply = tuple[int, bytes, bytes, tuple[tuple[bytes, bytes], ...] | None]
 
 log = logging.getLogger(__name__)
 _clock: Final = time.perf_counter
@@ -65,6 +71,9 @@ class EnrichEndpoint:
         self._max_body = config.max_body
         self._max_age = config.max_age
         self._full_cache = b"max-age=%d" % config.max_age
+        self._too_large = _ERROR_ENCODER.encode(
+            {"error": f"body larger than {config.max_body} bytes"}
+        )
         # Constant messages, built once: ASGI servers only read them.
         self._empty_start: Message = {
             "type": "http.response.start",
@@ -106,32 +115,73 @@ class EnrichEndpoint:
             return b"max-age=%d" % (resolved.min_expires - now), out
         return self._full_cache, out
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        start = _clock()
+    def refuse(self, scope: Scope) -> Reply | None:
+        """The 401/403 answer when auth is configured and the call fails it, else ``None``.
+
+        ``scope`` needs ``headers``, ``query_string`` and ``client`` (an ASGI HTTP scope, or
+        the same three keys from the HTTP protocol's fast lane).
+        """
+        if self._auth is None:
+            return None
+        rejection = self._auth.check(scope)
+        if rejection is None:
+            return None
+        self.tally.auth_rejected[rejection.reason] += 1
+        challenge = rejection.status == 401 and self._bearer_challenge
+        return (
+            rejection.status,
+            NO_CACHE,
+            _ERROR_ENCODER.encode({"error": rejection.message}),
+            _BEARER_CHALLENGE if challenge else None,
+        )
+
+    def too_large(self, start: float) -> Reply:
+        """The 413 answer for a body past ``max_body`` (counted, as every answer)."""
+        self.tally.request(413, _clock() - start)
+        return 413, NO_CACHE, self._too_large, None
+
+    def respond(self, body: bytes, start: float) -> Reply:
+        """The answer to a POST of ``body`` (read whole, ``start`` when the call began): shed by
+        the guard, too large, not JSON, or the enrichment. Never raises; counts the answer.
+
+        Both lanes call this: the HTTP protocol's fast lane and the ASGI endpoint.
+        """
         tally = self.tally
-        if scope["method"] != "POST":
-            await _send_error(send, 405, "use POST", [(b"allow", b"POST")])
-            tally.request(405, _clock() - start)
-            return
-        if self._auth is not None:
-            rejection = self._auth.check(scope)
-            if rejection is not None:
-                extra = (
-                    [(b"www-authenticate", b"Bearer")]
-                    if rejection.status == 401 and (self._bearer_challenge)
-                    else None
-                )
-                await _send_error(send, rejection.status, rejection.message, extra)
-                tally.auth_rejected[rejection.reason] += 1
-                tally.request(rejection.status, _clock() - start)
-                return
-        message = await receive()
-        if not message.get("more_body", False) and self.guard.should_shed():
+        if self.guard.should_shed():
             tally.shed += 1
-            await send(self._empty_start)
-            await send(self._empty_body)
             tally.request(200, _clock() - start)
+            return 200, NO_CACHE, EMPTY_BODY, None
+        if len(body) > self._max_body:
+            return self.too_large(start)
+        status = 200
+        try:
+            cache, out = self.answer(body)
+        except msgspec.DecodeError as exc:
+            status, cache = 400, NO_CACHE
+            out = _ERROR_ENCODER.encode({"error": f"body is not JSON: {exc}"})
+        except RecursionError:
+            # JSON nested deeper than the decoder follows: well-formed, but nothing usable.
+            cache, out = NO_CACHE, EMPTY_BODY
+        except Exception:
+            # A bug must not trip Index's breaker: answer "nothing known" and say so loudly.
+            log.exception("enrich failed; answered empty")
+            cache, out = NO_CACHE, EMPTY_BODY
+        tally.request(status, _clock() - start)
+        return status, cache, out, None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI adapter (in-process tests, embedding, and calls the fast lane passes on)."""
+        start = _clock()
+        if scope["method"] != "POST":
+            await _send(send, (405, NO_CACHE, _USE_POST, _ALLOW_POST))
+            self.tally.request(405, _clock() - start)
             return
+        refusal = self.refuse(scope)
+        if refusal is not None:
+            await _send(send, refusal)
+            self.tally.request(refusal[0], _clock() - start)
+            return
+        message = await receive()
         body: bytes = message.get("body", b"")
         if message.get("more_body", False):
             chunks = [body]
@@ -143,53 +193,25 @@ class EnrichEndpoint:
                 chunk = message.get("body", b"")
                 chunks.append(chunk)
                 size += len(chunk)
+            if size > self._max_body:
+                await _send(send, self.too_large(start))
+                return
             body = b"".join(chunks)
-        if len(body) > self._max_body:
-            await _send_error(send, 413, f"body larger than {self._max_body} bytes")
-            tally.request(413, _clock() - start)
-            return
-        try:
-            cache, out = self.answer(body)
-        except msgspec.DecodeError as exc:
-            await _send_error(send, 400, f"body is not JSON: {exc}")
-            tally.request(400, _clock() - start)
-            return
-        except RecursionError:
-            # JSON nested deeper than the decoder follows: well-formed, but nothing usable.
-            cache, out = NO_CACHE, EMPTY_BODY
-        except Exception:
-            # A bug must not trip Index's breaker: answer "nothing known" and say so loudly.
-            log.exception("enrich failed; answered empty")
-            cache, out = NO_CACHE, EMPTY_BODY
-        if out is EMPTY_BODY:
+        reply = self.respond(body, start)
+        if reply[2] is EMPTY_BODY:
             await send(self._empty_start)
             await send(self._empty_body)
-            tally.request(200, _clock() - start)
-            return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    _CONTENT_TYPE,
-                    (b"cache-control", cache),
-                    (b"content-length", b"%d" % len(out)),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": out})
-        tally.request(200, _clock() - start)
+        else:
+            await _send(send, reply)
 
 
-async def _send_error(
-    send: Send, status: int, error: str, extra: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    body = _ERROR_ENCODER.encode({"error": error})
+async def _send(send: Send, reply: Reply) -> None:
+    status, cache, body, extra = reply
     headers: list[Any] = [
         _CONTENT_TYPE,
-        (b"cache-control", NO_CACHE),
+        (b"cache-control", cache),
         (b"content-length", b"%d" % len(body)),
-        *(extra or []),
+        *(extra or ()),
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
