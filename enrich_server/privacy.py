@@ -294,14 +294,14 @@ class Privacy:
                     values = gpp.read_us(section_id, section)
                 except gpp.GppError:
                     return GPP_UNREADABLE
-                reason = self.us_verdict(gpp.national(section_id, values))
+                reason = self._us_verdict(gpp.national(section_id, values))
                 if reason is not None:
                     return reason
             else:
                 return GPP_UNREADABLE
         return None
 
-    def us_verdict(self, section: gpp.UsNational) -> str | None:
+    def _us_verdict(self, section: gpp.UsNational) -> str | None:
         """The first US rule that withholds user data for a normalised section, or None."""
         for _, reason, withholds in self._us_rules:
             if withholds(section):
