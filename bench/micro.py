@@ -35,6 +35,8 @@ from enrich_server.store import SegmentStore
 from tests.tcf_strings import CONSENTED
 
 CACHE = Path(__file__).resolve().parent / ".cache"
+#: A GPP string seen in a real bid request: US national section, notices given, no opt-out.
+REAL_USNAT_GPP = "DBABLA~BVQqAAAAAAJY.QA"
 
 
 def _body_for(key: str) -> bytes:
@@ -56,6 +58,8 @@ def cases(identities: int) -> dict[str, bytes]:
     app["regs"] = {"gdpr": 1}
     app["user"]["ext"] = {"consent": CONSENTED}
     bodies["seed_app_gdpr"] = json.dumps(app).encode()  # a TCF v2 string to decide
+    app["regs"] = {"gpp": REAL_USNAT_GPP, "gpp_sid": [7]}
+    bodies["seed_app_gpp"] = json.dumps(app).encode()  # a GPP US national section to decide
     bodies["synthetic_hit"] = _body_for(sample_keys(identities, 3)[1])
     bodies["miss"] = json.dumps({"user": {"id": "not-in-the-store"}}).encode()
     return bodies

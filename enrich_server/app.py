@@ -77,6 +77,7 @@ def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer
             honour_gpp=config.privacy.gpp,
             gdpr_vendor_id=config.privacy.gdpr_vendor_id,
             gdpr_purposes=config.privacy.gdpr_purposes,
+            us_rules=config.privacy.us_rules,
         )
     )
     endpoint = EnrichEndpoint(config.enrich, privacy, guard, tally, auth)

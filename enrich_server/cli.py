@@ -23,7 +23,7 @@ import msgspec
 import uvicorn
 import uvloop
 
-from enrich_server import __version__, ingestd, tcf
+from enrich_server import __version__, ingestd
 from enrich_server.app import CONFIG_HANDOFF_VARIABLE, INGEST_SOCKET_VARIABLE
 from enrich_server.check import format_report, parse_target, read_bodies, run_check
 from enrich_server.config import (
@@ -42,11 +42,12 @@ from enrich_server.dropfiles import (
     process_directory,
 )
 from enrich_server.errors import ConfigError, EnrichError, SnapshotError
+from enrich_server.explain import explain
 from enrich_server.generations import remove_dead_builds
 from enrich_server.keys import NAMESPACES, parse_key
 from enrich_server.log import redacted, setup_logging
 from enrich_server.metrics import MULTIPROC_ENV
-from enrich_server.privacy import PrivacyPolicy, purposes_allowed
+from enrich_server.privacy import PrivacyPolicy
 from enrich_server.protocol import EnrichHttpProtocol
 from enrich_server.snapshot import export_lines, load_snapshots
 from enrich_server.store import DATA_FILE, SegmentStore, StoreWriter, store_dir
@@ -162,12 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     consent = commands.add_parser(
         "consent",
-        help="decode a TCF v2 consent string and show the privacy decision",
-        description="Decode the core segment of a TCF v2 consent string (as Index sends it in "
-        "user.consent) and say whether the configured privacy policy lets us serve "
-        "user-level segments with it.",
+        help="explain the privacy decision on a TCF v2 or GPP string, field by field",
+        description="Decode a TCF v2 consent string (user.consent) or a GPP string (regs.gpp) "
+        "and explain, field by field, whether the configured privacy policy lets us serve "
+        "user-level segments with it (exit 1 if not).",
     )
-    consent.add_argument("string", metavar="TC_STRING")
+    consent.add_argument("string", metavar="TC_OR_GPP_STRING")
+    consent.add_argument(
+        "--gpp-sid", type=_section_ids, metavar="7,8",
+        help="the request's regs.gpp_sid (default: every section of the string applies)",
+    )  # fmt: skip
     consent.add_argument("--config", type=Path, help="TOML configuration ([privacy] section)")
 
     check = commands.add_parser(
@@ -455,36 +460,23 @@ def _compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def _section_ids(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of ids: {text!r}") from None
+
+
 def _consent(args: argparse.Namespace) -> int:
     config = load_config(args.config, os.environ)
-    try:
-        tc = tcf.decode(args.string)
-    except tcf.ConsentError as exc:
-        print(f"enrich-server: not a TCF v2 consent string: {exc}", file=sys.stderr)
-        return EXIT_FAILED
     policy = PrivacyPolicy(
-        gdpr_vendor_id=config.privacy.gdpr_vendor_id, gdpr_purposes=config.privacy.gdpr_purposes
+        gdpr_vendor_id=config.privacy.gdpr_vendor_id,
+        gdpr_purposes=config.privacy.gdpr_purposes,
+        us_rules=config.privacy.us_rules,
     )
-    allowed = purposes_allowed(
-        tcf.CoreView(args.string), policy.gdpr_purposes, policy.gdpr_vendor_id
-    )
-    decoded = {
-        "policy_version": tc.policy_version,
-        "purposes_consent": sorted(tc.purposes_consent),
-        "purposes_legitimate_interest": sorted(tc.purposes_legitimate_interest),
-        "vendors_consent": len(tc.vendors_consent),
-        "vendors_legitimate_interest": len(tc.vendors_legitimate_interest),
-        "our_vendor": policy.gdpr_vendor_id or None,
-        "required_purposes": list(policy.gdpr_purposes),
-        "user_level_segments": "allowed" if allowed else "withheld (gdpr_denied)",
-    }
-    if policy.gdpr_vendor_id:
-        decoded["our_vendor_consent"] = policy.gdpr_vendor_id in tc.vendors_consent
-        decoded["our_vendor_legitimate_interest"] = (
-            policy.gdpr_vendor_id in tc.vendors_legitimate_interest
-        )
-    print(msgspec.json.encode(decoded).decode())
-    return 0 if allowed else EXIT_FAILED
+    lines, reason = explain(args.string, policy, args.gpp_sid)
+    print("\n".join(lines))
+    return 0 if reason is None else EXIT_FAILED
 
 
 def _segments(args: argparse.Namespace) -> int:

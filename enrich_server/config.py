@@ -18,6 +18,7 @@ from typing import Any, Final
 import msgspec
 
 from enrich_server.errors import ConfigError
+from enrich_server.privacy import US_RULE_SETS
 
 #: The demo store bundled at the repository root (``make run`` serves it).
 EXAMPLE_STORE: Final = Path(__file__).resolve().parent.parent / "segments.lmdb.example"
@@ -90,6 +91,10 @@ def _http_path(value: str) -> str | None:
 
 def _log_level(value: str) -> str | None:
     return None if value in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}"
+
+
+def _us_rules(value: str) -> str | None:
+    return None if value in US_RULE_SETS else f"must be one of {', '.join(US_RULE_SETS)}"
 
 
 DURABILITY: Final = ("fsync", "os")
@@ -216,6 +221,10 @@ class PrivacyConfig:
     gdpr_purposes: tuple[int, ...] = _opt(
         (1, 3, 4), "TCF purposes that must be allowed (consent, or LI where TCF permits)",
         _purposes, item=int,
+    )  # fmt: skip
+    us_rules: str = _opt(
+        "strict", "GPP US sections: strict (Prebid Server's national rules) or opt_outs",
+        _us_rules,
     )  # fmt: skip
 
 

@@ -3,8 +3,9 @@
 No maintained TCF v2 decoder exists on PyPI, so this reads the core segment as the IAB spec
 ("Consent string and vendor list formats v2", "The core string") lays it out: fixed-width
 fields, then the vendor consent and vendor legitimate-interest sections, each a bit field or
-a list of ranges. Publisher restrictions and the other segments are not needed to decide
-whether we may use a user's data, and are not read.
+a list of ranges, then the publisher restrictions (per purpose: not allowed, require consent,
+require legitimate interest, for vendor ranges). The other segments (disclosed vendors,
+publisher purposes) do not bear on whether we may use a user's data, and are not read.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ _PURPOSES_CONSENT: Final = (152, 24)
 _PURPOSES_LI: Final = (176, 24)
 _PURPOSE_ONE_TREATMENT: Final = (200, 1)
 _VENDOR_SECTION: Final = 213
+
+
+#: Publisher restriction types (``RestrictionType`` in the TCF core string).
+NOT_ALLOWED: Final = 0
+REQUIRE_CONSENT: Final = 1
+REQUIRE_LI: Final = 2
 
 
 class ConsentError(ValueError):
@@ -82,6 +89,10 @@ class Bits:
         first, last = offset >> 3, (end + 7) >> 3
         chunk = int.from_bytes(self._data[first:last], "big")
         return (chunk >> ((last << 3) - end)) & ((1 << width) - 1)
+
+    def head(self, width: int) -> int:
+        """The first ``width`` bits as one unsigned integer; raises if there are fewer."""
+        return self.read(0, width)
 
     def set_of(self, offset: int, width: int) -> frozenset[int]:
         """The 1-based positions of the bits set in the ``width`` bits at ``offset``."""
@@ -160,6 +171,35 @@ class CoreView:
         consented, offset = _vendor_has(self._bits, _VENDOR_SECTION, vendor)
         li, _ = _vendor_has(self._bits, offset, vendor)
         return consented, li
+
+    def restrictions(self, vendor: int) -> dict[int, int]:
+        """The publisher's restrictions on ``vendor``: purpose -> restriction type.
+
+        Raises ``ConsentError`` if the string is truncated.
+        """
+        _, offset = _vendor_has(self._bits, _VENDOR_SECTION, vendor)
+        _, offset = _vendor_has(self._bits, offset, vendor)
+        bits = self._bits
+        found: dict[int, int] = {}
+        count = bits.read(offset, 12)
+        offset += 12
+        for _ in range(count):
+            purpose, kind, entries = (
+                bits.read(offset, 6),
+                bits.read(offset + 6, 2),
+                bits.read(offset + 8, 12),
+            )
+            offset += 20
+            for _ in range(entries):
+                is_range, start = bits.read(offset, 1), bits.read(offset + 1, 16)
+                offset += 17
+                end = start
+                if is_range:
+                    end = bits.read(offset, 16)
+                    offset += 16
+                if start <= vendor <= end:
+                    found[purpose] = kind
+        return found
 
 
 def _vendor_section(bits: Bits, offset: int) -> tuple[frozenset[int], int]:

@@ -51,8 +51,9 @@ def gpp_body(gpp_value: str, sid: list[int] | None = None) -> bytes:
     return json.dumps({"regs": regs, "user": {"id": "u"}}).encode()
 
 
-def us_section(opt_outs: dict[int, int], width: int = 30) -> str:
-    """A US section (version 1) with 2-bit values at the given bit offsets, zero elsewhere."""
+def us_section(opt_outs: dict[int, int], width: int = 72) -> str:
+    """A US section (version 1) with 2-bit values at the given bit offsets, zero elsewhere
+    (72 bits hold the longest core sub-section, usnat version 2)."""
     bits = ["0"] * width
     bits[5] = "1"  # version 1
     for offset, value in opt_outs.items():

@@ -21,14 +21,25 @@ def _vendors(ids: Iterable[int]) -> str:
     return f"{top:016b}0" + _bitfield(chosen, top)
 
 
+def _restrictions(restrictions: list[tuple[int, int, tuple[int, int]]]) -> str:
+    bits = f"{len(restrictions):012b}"
+    for purpose, kind, (first, last) in restrictions:
+        bits += f"{purpose:06b}{kind:02b}{1:012b}"
+        bits += f"1{first:016b}{last:016b}" if last != first else f"0{first:016b}"
+    return bits
+
+
 def core_string(
     purposes_consent: Iterable[int] = (),
     purposes_li: Iterable[int] = (),
     vendors_consent: Iterable[int] = (),
     vendors_li: Iterable[int] = (),
+    *,
     policy_version: int = 2,
+    restrictions: Iterable[tuple[int, int, tuple[int, int]]] = (),
 ) -> str:
-    """A TCF v2 core segment (base64url, unpadded) with the given purposes and vendors."""
+    """A TCF v2 core segment (base64url, unpadded) with the given purposes and vendors, and
+    publisher restrictions as (purpose, type, (first vendor, last vendor))."""
     bits = (
         f"{2:06b}{0:036b}{0:036b}{7:012b}{1:012b}{1:06b}{0:012b}{100:012b}"
         f"{policy_version:06b}00{0:012b}"
@@ -37,6 +48,7 @@ def core_string(
         + f"0{0:012b}"
         + _vendors(vendors_consent)
         + _vendors(vendors_li)
+        + _restrictions(list(restrictions))
     )
     bits += "0" * (-len(bits) % 8)
     data = int(bits, 2).to_bytes(len(bits) // 8, "big")

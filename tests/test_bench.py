@@ -47,7 +47,8 @@ def test_micro_bench_runs(tmp_path: Path) -> None:
     )  # fmt: skip
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["case"] for row in rows] == [
-        "seed_app", "seed_ctv", "seed_web", "seed_app_gdpr", "synthetic_hit", "miss",
+        "seed_app", "seed_ctv", "seed_web", "seed_app_gdpr", "seed_app_gpp", "synthetic_hit",
+        "miss",
     ]  # fmt: skip
     for row in rows:
         assert row["store_identities"] > 2000

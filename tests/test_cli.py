@@ -14,6 +14,7 @@ from bench.synth import snapshot_lines
 from enrich_server.cli import main
 from enrich_server.store import SegmentStore
 from tests.conftest import StoreFactory
+from tests.gpp_strings import gpp_string, us_section
 from tests.test_privacy import BITFIELD
 
 
@@ -186,20 +187,44 @@ def test_compact_missing_store(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert not (tmp_path / "nope").exists()
 
 
-def test_consent_decodes_and_decides(
+def test_consent_explains_a_tcf_string(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert main(["consent", BITFIELD]) == 0
-    decoded = json.loads(capsys.readouterr().out)
-    assert decoded["purposes_consent"] == [1, 3, 9, 10]
-    assert decoded["user_level_segments"] == "allowed"
+    out = capsys.readouterr().out
+    assert "purposes with consent: 1, 3, 9, 10" in out
+    assert "purpose 4: by legitimate interest" in out
+    assert out.endswith("user-level segments: allowed\n")
     monkeypatch.setenv("ENRICH_PRIVACY_GDPR_VENDOR_ID", "2")  # consent, but no LI for purpose 4
     assert main(["consent", BITFIELD]) == 1
-    decoded = json.loads(capsys.readouterr().out)
-    assert (decoded["our_vendor_consent"], decoded["our_vendor_legitimate_interest"]) == (
-        True,
-        False,
-    )
-    assert decoded["user_level_segments"] == "withheld (gdpr_denied)"
+    out = capsys.readouterr().out
+    assert "our vendor 2: consent yes, legitimate interest no" in out
+    assert "purpose 4: no legal basis" in out
+    assert out.endswith("user-level segments: withheld (gdpr_denied)\n")
     assert main(["consent", "not-a-tc-string"]) == 1
-    assert "not a TCF v2 consent string" in capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "TCF v2 string: unreadable" in out
+    assert out.endswith("withheld (gdpr_no_consent)\n")
+
+
+def test_consent_explains_a_gpp_string_field_by_field(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opted_out = gpp_string({7: us_section({18: 1})})  # usnat: SaleOptOut = 1
+    assert main(["consent", opted_out, "--gpp-sid", "7"]) == 1
+    out = capsys.readouterr().out
+    assert "section 7 (usnat), applies; fields as sent:" in out
+    assert "  SaleOptOut = 1: withholds (gpp_sale_opt_out)" in out
+    assert "  Gpc = absent: ok" in out
+    assert out.endswith("user-level segments: withheld (gpp_sale_opt_out)\n")
+    assert main(["consent", opted_out, "--gpp-sid", "8"]) == 1  # 8 is not carried
+    assert "section 8: listed in gpp_sid but not carried: unreadable" in capsys.readouterr().out
+    monkeypatch.setenv("ENRICH_PRIVACY_US_RULES", "opt_outs")
+    gpc = gpp_string({7: us_section({}) + ".YA"})  # GPC sub-section: Gpc = true
+    assert main(["consent", gpc]) == 0
+    out = capsys.readouterr().out
+    assert "  Gpc = true: not checked (us_rules = opt_outs)" in out
+    assert out.endswith("user-level segments: allowed\n")
+    with pytest.raises(SystemExit):
+        main(["consent", gpc, "--gpp-sid", "7,x"])
+    assert "not a comma-separated list of ids" in capsys.readouterr().err

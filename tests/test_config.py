@@ -149,6 +149,7 @@ def test_lists_maps_and_booleans_from_environment() -> None:
         ("[enrich.auth]\nwho = 1\n", "unknown key 'who' in [enrich.auth]"),
         ("[privacy]\ngdpr_purposes = [0]\n", "has a purpose outside 1-24"),
         ('[privacy]\ngdpr = "yes"\n', "expected bool, got str"),
+        ('[privacy]\nus_rules = "lax"\n', "must be one of strict, opt_outs"),
     ],
 )
 def test_bad_auth_and_privacy_values(tmp_path: Path, toml: str, message: str) -> None:

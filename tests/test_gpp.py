@@ -8,11 +8,11 @@ from enrich_server import gpp
 from enrich_server.openrtb import decode
 from enrich_server.privacy import (
     GDPR_DENIED,
-    GPP_OPT_OUT,
     GPP_UNREADABLE,
     US_PRIVACY,
     PrivacyPolicy,
     suppression_reason,
+    us_reason,
 )
 from tests.gpp_strings import REAL_USNAT, gpp_body, gpp_string, header, us_section
 from tests.tcf_strings import CONSENTED
@@ -32,52 +32,71 @@ def test_header_section_ids(encoded: str, ids: list[int]) -> None:
     assert gpp.section_ids(encoded) == ids
 
 
-def test_real_usnat_string_has_no_opt_out() -> None:
+def test_real_usnat_string_is_read_and_normalised() -> None:
     sections = gpp.parse(REAL_USNAT)
     assert list(sections) == [7]
-    assert not gpp.us_opted_out(7, sections[7])
+    values = gpp.read_us(7, sections[7])
+    assert (values["Version"], values["SaleOptOut"], values["Gpc"]) == (1, 2, False)
+    assert values["SensitiveDataProcessing"] == (0,) * 12  # version 1: 12 categories
+    section = gpp.national(7, values)
+    assert section.get("SaleOptOutNotice") == 1
+    assert section.child == (0, 0)
+    assert section.sensitive[12:] == (None,) * 4
 
 
 @pytest.mark.parametrize(
-    ("section_id", "field", "offset"),
+    "encoded",
     [
-        (7, "sale", 18), (7, "sharing", 20), (7, "targeted", 22),
-        (8, "sale", 12), (8, "sharing", 14),
-        (9, "sale", 12), (9, "targeted", 14),
-        (10, "sale", 12), (10, "targeted", 14),
-        (11, "sale", 14), (11, "targeted", 16),
-        (12, "sale", 12), (12, "targeted", 14),
+        pytest.param(us_section({}, width=54), id="usnat-v1-short"),
+        pytest.param("AVQqAAAAAAJY", id="usnat-version-0"),
+        pytest.param("DVQqAAAAAAJY", id="usnat-version-3"),
     ],
-)  # fmt: skip
-def test_us_opt_outs(section_id: int, field: str, offset: int) -> None:
-    assert gpp.us_opted_out(section_id, us_section({offset: 1})), field
-    assert not gpp.us_opted_out(section_id, us_section({offset: 2})), field  # did not opt out
-    assert not gpp.us_opted_out(section_id, us_section({offset: 0})), field  # not applicable
+)
+def test_unreadable_us_sections(encoded: str) -> None:
+    with pytest.raises(gpp.GppError):
+        gpp.read_us(7, encoded)
+
+
+def test_state_normalisation() -> None:
+    # California's fourth category (sex life) is the national first and second; a known
+    # child in any band withholds both national bands; sharing notice is absent (None).
+    ca = gpp.national(8, {"SensitiveDataProcessing": (0, 0, 0, 1, 0, 0, 0, 0, 2),
+                          "KnownChildSensitiveDataConsents": (0, 2), "SaleOptOut": 2})  # fmt: skip
+    assert ca.sensitive[:4] == (1, 1, 0, 2)
+    assert ca.child == (1, 1)
+    assert ca.get("SharingNotice") is None
+    # Indiana's one MspaMode: 2 is service provider mode.
+    indiana = gpp.national(25, {"MspaMode": 2})
+    assert (indiana.get("MspaServiceProviderMode"), indiana.get("MspaOptOutOptionMode")) == (1, 2)
+    iowa = gpp.national(18, {"SensitiveDataOptOutNotice": 2})
+    assert iowa.get("SensitiveDataProcessingOptOutNotice") == 2
 
 
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
         pytest.param(gpp_body(REAL_USNAT, [7]), None, id="real-usnat-no-opt-out"),
-        pytest.param(gpp_body(gpp_string({7: us_section({18: 1})}), [7]), GPP_OPT_OUT,
-                     id="usnat-sale-opt-out"),
-        pytest.param(gpp_body(gpp_string({8: us_section({14: 1})})), GPP_OPT_OUT,
+        pytest.param(gpp_body(gpp_string({7: us_section({18: 1})}), [7]),
+                     us_reason("SaleOptOut"), id="usnat-sale-opt-out"),
+        pytest.param(gpp_body(gpp_string({8: us_section({14: 1})})), us_reason("SharingOptOut"),
                      id="usca-sharing-no-sid-means-all"),
         pytest.param(gpp_body(gpp_string({7: us_section({}), 9: us_section({14: 1})}), [7]),
                      None, id="opt-out-in-a-section-not-applicable"),
         pytest.param(gpp_body(gpp_string({7: us_section({}), 9: us_section({14: 1})}), [7, 9]),
-                     GPP_OPT_OUT, id="va-targeted-opt-out-applicable"),
+                     us_reason("TargetedAdvertisingOptOut"), id="va-targeted-opt-out-applicable"),
         pytest.param(gpp_body(gpp_string({2: CONSENTED}), [2]), None, id="tcf-eu-consented"),
         pytest.param(gpp_body(gpp_string({2: RANGES}), [2]), GDPR_DENIED, id="tcf-eu-denied"),
         pytest.param(gpp_body(gpp_string({6: "1YYN"}), [6]), US_PRIVACY, id="usp-section"),
         pytest.param(gpp_body(gpp_string({6: "1YNN"}), [6]), None, id="usp-section-no-opt-out"),
-        pytest.param(gpp_body(gpp_string({21: us_section({})}), [21]), GPP_UNREADABLE,
+        pytest.param(gpp_body(gpp_string({28: us_section({})}), [28]), GPP_UNREADABLE,
                      id="unknown-applicable-section"),
+        pytest.param(gpp_body(gpp_string({3: us_section({}), 7: us_section({})}), [7]), None,
+                     id="unknown-section-not-applicable"),
         pytest.param(gpp_body("DBABLA~"), GPP_UNREADABLE, id="truncated-section"),
         pytest.param(gpp_body("not gpp at all"), GPP_UNREADABLE, id="garbage"),
         pytest.param(gpp_body("DBABLA~BVQqAAAAAAJY.QA~extra"), GPP_UNREADABLE,
                      id="more-sections-than-header"),
-        pytest.param(gpp_body(gpp_string({7: us_section({})}), [8]), None,
+        pytest.param(gpp_body(gpp_string({7: us_section({})}), [8]), GPP_UNREADABLE,
                      id="applicable-section-absent"),
     ],
 )  # fmt: skip

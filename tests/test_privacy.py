@@ -15,7 +15,6 @@ from enrich_server.privacy import (
     COPPA,
     GDPR_DENIED,
     GDPR_NO_CONSENT,
-    GPP_OPT_OUT,
     GPP_UNREADABLE,
     MAX_CACHED,
     MAX_CACHED_CHARS,
@@ -23,6 +22,7 @@ from enrich_server.privacy import (
     Privacy,
     PrivacyPolicy,
     suppression_reason,
+    us_reason,
 )
 from tests.gpp_strings import REAL_USNAT, gpp_body, gpp_string, header_with_range, us_section
 from tests.tcf_strings import CONSENTED, core_string
@@ -160,7 +160,7 @@ def test_gpp_string_at_the_limit_is_decided() -> None:
     filler = "A" * (gpp.MAX_GPP_CHARS - len(gpp_string({7: section})) - 1)
     long_gpp = gpp_string({7: section + "." + filler})
     assert len(long_gpp) == gpp.MAX_GPP_CHARS
-    assert Privacy().suppression_reason(decode(gpp_body(long_gpp, [7]))) == GPP_OPT_OUT
+    assert Privacy().suppression_reason(decode(gpp_body(long_gpp, [7]))) == us_reason("SaleOptOut")
 
 
 @pytest.mark.parametrize(

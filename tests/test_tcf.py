@@ -114,3 +114,22 @@ def test_a_string_at_the_limit_is_read_and_one_past_it_refused() -> None:
     assert 60_000 in tcf.decode(at_limit).vendors_consent
     with pytest.raises(tcf.ConsentError, match="longer than"):
         tcf.CoreView(at_limit + "A")
+
+
+def test_publisher_restrictions_by_vendor_range() -> None:
+    tc = tcf.CoreView(
+        core_string(
+            purposes_consent=(1, 3, 4),
+            vendors_consent=(10, 20),
+            restrictions=[(3, tcf.NOT_ALLOWED, (5, 15)), (4, tcf.REQUIRE_LI, (20, 20))],
+        )
+    )
+    assert tc.restrictions(10) == {3: tcf.NOT_ALLOWED}
+    assert tc.restrictions(20) == {4: tcf.REQUIRE_LI}
+    assert tc.restrictions(16) == {}
+
+
+def test_truncated_publisher_restrictions_are_an_error() -> None:
+    text = core_string(vendors_consent=(10,), restrictions=[(3, tcf.NOT_ALLOWED, (5, 15))])
+    with pytest.raises(tcf.ConsentError):
+        tcf.CoreView(text[:-4]).restrictions(10)
