@@ -33,7 +33,13 @@ from enrich_server.guard import LoadGuard
 from enrich_server.log import setup_logging
 from enrich_server.metrics import Metrics, Tally
 from enrich_server.privacy import Privacy, PrivacyPolicy
-from enrich_server.protocol import CONNECTIONS_STATE_KEY, ConnectionLimits, Connections
+from enrich_server.protocol import (
+    CONNECTIONS_STATE_KEY,
+    FAST_LANE_STATE_KEY,
+    ConnectionLimits,
+    Connections,
+    FastLane,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +130,10 @@ def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer
         try:
             async with Connections(ConnectionLimits.of(config.server)) as connections:
                 # Each connection's HTTP protocol finds its limits here (lifespan state).
-                yield {CONNECTIONS_STATE_KEY: connections}
+                yield {
+                    CONNECTIONS_STATE_KEY: connections,
+                    FAST_LANE_STATE_KEY: FastLane(config.enrich.path, endpoint),
+                }
         finally:
             flusher.cancel()
             dmp.close()
@@ -137,6 +146,7 @@ def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer
                     "pid": os.getpid(),
                     "requests": sum(tally.status.values()),
                     "shed": tally.shed,
+                    "fast_lane": tally.fast_lane,
                 },
             )
             endpoint.store = None

@@ -26,13 +26,16 @@ import hmac
 import ipaddress
 import time
 import urllib.parse
-from collections.abc import Iterable, Sequence
-from typing import Final
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final
 
 import msgspec
-from starlette.types import Scope
 
 from enrich_server.config import AuthConfig, PlatformConfig
+
+#: What a check reads of a call: ``headers``, ``query_string`` and ``client`` (an ASGI HTTP
+#: scope has them; so does the mapping the HTTP protocol's fast lane builds).
+CallScope = Mapping[str, Any]
 
 NO_CREDENTIALS: Final = "no_credentials"
 BAD_CREDENTIALS: Final = "bad_credentials"
@@ -129,7 +132,7 @@ class EndpointAuth:
         """Whether any check is configured (an open endpoint skips ``check`` entirely)."""
         return self._needs_credentials or bool(self._networks)
 
-    def check(self, scope: Scope) -> Rejection | None:
+    def check(self, scope: CallScope) -> Rejection | None:
         """Check one call; ``None`` means it may pass."""
         presented = b""
         bearer = b""
@@ -167,7 +170,7 @@ class EndpointAuth:
                 return urllib.parse.unquote_to_bytes(part[len(self._query) :])
         return b""
 
-    def client_address(self, scope: Scope, forwarded: bytes) -> str | None:
+    def client_address(self, scope: CallScope, forwarded: bytes) -> str | None:
         """The caller's address: the peer, or from ``X-Forwarded-For`` behind a trusted proxy."""
         client = scope.get("client")
         if not client:
@@ -189,7 +192,7 @@ class EndpointAuth:
             return False
         return any(ip in network for network in self._proxies)
 
-    def _address_allowed(self, scope: Scope, forwarded: bytes) -> bool:
+    def _address_allowed(self, scope: CallScope, forwarded: bytes) -> bool:
         address = self.client_address(scope, forwarded)
         if address is None:
             return False

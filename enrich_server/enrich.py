@@ -16,7 +16,7 @@ from typing import Any, Final
 import msgspec
 from starlette.types import Message, Receive, Scope, Send
 
-from enrich_server.auth import EndpointAuth
+from enrich_server.auth import CallScope, EndpointAuth
 from enrich_server.config import EnrichConfig
 from enrich_server.guard import LoadGuard
 from enrich_server.keys import request_keys
@@ -66,9 +66,10 @@ class EnrichEndpoint:
         self.tally = tally
         # None when nothing is configured: an open endpoint pays one `is None` per call.
         self._auth = auth if auth is not None and auth.enabled else None
+        self.has_auth = self._auth is not None
         self._bearer_challenge = auth is not None and auth.signer is not None
         self._privacy = privacy
-        self._max_body = config.max_body
+        self.max_body = config.max_body
         self._max_age = config.max_age
         self._full_cache = b"max-age=%d" % config.max_age
         self._too_large = _ERROR_ENCODER.encode(
@@ -115,7 +116,7 @@ class EnrichEndpoint:
             return b"max-age=%d" % (resolved.min_expires - now), out
         return self._full_cache, out
 
-    def refuse(self, scope: Scope) -> Reply | None:
+    def refuse(self, scope: CallScope) -> Reply | None:
         """The 401/403 answer when auth is configured and the call fails it, else ``None``.
 
         ``scope`` needs ``headers``, ``query_string`` and ``client`` (an ASGI HTTP scope, or
@@ -151,7 +152,7 @@ class EnrichEndpoint:
             tally.shed += 1
             tally.request(200, _clock() - start)
             return 200, NO_CACHE, EMPTY_BODY, None
-        if len(body) > self._max_body:
+        if len(body) > self.max_body:
             return self.too_large(start)
         status = 200
         try:
@@ -186,14 +187,14 @@ class EnrichEndpoint:
         if message.get("more_body", False):
             chunks = [body]
             size = len(body)
-            while message.get("more_body", False) and size <= self._max_body:
+            while message.get("more_body", False) and size <= self.max_body:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     return
                 chunk = message.get("body", b"")
                 chunks.append(chunk)
                 size += len(chunk)
-            if size > self._max_body:
+            if size > self.max_body:
                 await _send(send, self.too_large(start))
                 return
             body = b"".join(chunks)

@@ -55,8 +55,8 @@ STATUSES: Final = (200, 400, 401, 403, 405, 413)
 class Tally:
     """What one worker counted since it started: plain numbers, written by the hot path."""
 
-    __slots__ = ("auth_rejected", "hits", "latency", "latency_sum", "misses", "segments",
-                 "segments_sum", "shed", "status", "suppressed")  # fmt: skip
+    __slots__ = ("auth_rejected", "fast_lane", "hits", "latency", "latency_sum", "misses",
+                 "segments", "segments_sum", "shed", "status", "suppressed")  # fmt: skip
 
     def __init__(self) -> None:
         self.status = dict.fromkeys(STATUSES, 0)
@@ -69,6 +69,7 @@ class Tally:
         self.suppressed = dict.fromkeys(REASONS, 0)
         self.auth_rejected = dict.fromkeys(AUTH_REASONS, 0)
         self.shed = 0
+        self.fast_lane = 0  # calls answered inside the HTTP protocol (logged at worker stop)
 
     def request(self, status: int, seconds: float) -> None:
         """Count one answered request and its handling time."""

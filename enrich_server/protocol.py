@@ -19,8 +19,16 @@ of a worker:
   what was pipelined after it. Here the rest is fed to a fresh parser, behind a synthetic head
   that carries the request's own framing, so its body and whatever follows are read as HTTP/1.1.
 
+And one thing it does that no ASGI server can: a **fast lane** for the hot path. A POST to
+the enrichment path is answered inside the protocol, with no ASGI task, scope or message
+dicts: the body is collected from the parser's callbacks, the answer computed synchronously
+by the same ``EnrichEndpoint.respond`` the ASGI endpoint calls, and status line, headers and
+body leave in one ``transport.write``. A fast request waits its turn behind ASGI requests
+pipelined before it (it then takes the ASGI lane itself), so answers stay in request order.
+
 The limits travel from the app's lifespan to each connection in the lifespan state
-(``CONNECTIONS_STATE_KEY``), the ASGI way of sharing per-worker objects with the server.
+(``CONNECTIONS_STATE_KEY``; the fast lane's endpoint: ``FAST_LANE_STATE_KEY``), the ASGI
+way of sharing per-worker objects with the server.
 """
 
 from __future__ import annotations
@@ -28,22 +36,63 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Final
 
 import httptools
 from uvicorn.config import Config as UvicornConfig
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from enrich_server.config import ServerConfig
+from enrich_server.enrich import EnrichEndpoint, Reply
 
 #: Where the lifespan state holds the worker's ``Connections``.
 CONNECTIONS_STATE_KEY: Final = "enrich_server.connections"
+#: ... and the ``FastLane``.
+FAST_LANE_STATE_KEY: Final = "enrich_server.fast_lane"
 #: How often deadlines are checked: a timeout fires up to this much late.
 SWEEP_SECONDS: Final = 0.25
 _NEVER: Final = math.inf
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_JSON_HEAD: Final = b"content-type: application/json\r\ncache-control: "
+_CLOSE: Final = b"connection: close\r\n"
+_clock: Final = time.perf_counter
+
+
+class FastLane:
+    """The enrichment endpoint as the protocol calls it: its path, and the answer's bytes."""
+
+    def __init__(self, path: str, endpoint: EnrichEndpoint) -> None:
+        self.path = path.encode()
+        self.query_at = len(self.path)
+        self.endpoint = endpoint
+        self._defaults: list[tuple[bytes, bytes]] | None = None
+        self._default_lines = b""
+
+    def matches(self, url: bytes) -> bool:
+        """Whether a request target is the endpoint's path, with or without a query."""
+        return url == self.path or (url.startswith(self.path) and url[self.query_at] == 0x3F)
+
+    def encode(
+        self, reply: Reply, default_headers: list[tuple[bytes, bytes]], close: bool
+    ) -> bytes:
+        """The whole HTTP/1.1 response for ``reply``, headers as uvicorn writes them."""
+        if default_headers is not self._defaults:  # uvicorn renews the list (Date) each second
+            self._default_lines = b"".join(n + b": " + v + b"\r\n" for n, v in default_headers)
+            self._defaults = default_headers
+        status, cache, body, extra = reply
+        parts = [STATUS_LINE[status], self._default_lines, _JSON_HEAD, cache,
+                 b"\r\ncontent-length: %d\r\n" % len(body)]  # fmt: skip
+        if extra:
+            parts.extend(n + b": " + v + b"\r\n" for n, v in extra)
+        if close:
+            parts.append(_CLOSE)
+        parts.append(b"\r\n")
+        parts.append(body)
+        return b"".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +176,15 @@ class EnrichHttpProtocol(HttpToolsProtocol):
         self._reading = False  # between a request's first byte and its last
         self._upgrade_framing: bytes | None = None  # set while an ignored upgrade is resumed
         self._replaying_head = False
+        self._lane: FastLane | None = app_state.get(FAST_LANE_STATE_KEY)
+        self._fast = False  # the request being read is answered here, not by ASGI
+        self._active: FastLane = None  # type: ignore[assignment]  # set while _fast
+        self._fast_chunks: list[bytes] = []
+        self._fast_size = 0
+        self._fast_answered = False  # answered before its body ended (413, 401): discard
+        self._fast_keep_alive = True
+        self._fast_start = 0.0
+        self._paused_for_writes = False
 
     # Deadlines and idleness.
 
@@ -154,7 +212,12 @@ class EnrichHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         if self._replaying_head:
             return
-        super().on_message_begin()
+        if self._lane is None:
+            super().on_message_begin()
+        else:  # the ASGI scope is built in on_headers_complete, for the ASGI lane only
+            self.url = b""
+            self.expect_100_continue = False
+            self.headers = []
         self._reading = True
         registry = self._registry
         if registry is not None:
@@ -173,6 +236,15 @@ class EnrichHttpProtocol(HttpToolsProtocol):
         if self._replaying_head:
             self._replaying_head = False  # the body that follows is the upgraded request's
             return
+        lane = self._lane
+        if lane is not None:
+            if self._takes_fast_lane(lane):
+                self._begin_fast(lane)
+                return
+            url, headers, expect = self.url, self.headers, self.expect_100_continue
+            super().on_message_begin()  # the scope, deferred until the lane was known
+            self.url, self.headers, self.expect_100_continue = url, headers, expect
+            self.scope["headers"] = headers
         super().on_headers_complete()
         if self.parser.should_upgrade():
             self._upgrade_framing = _framing(self.headers)
@@ -180,9 +252,35 @@ class EnrichHttpProtocol(HttpToolsProtocol):
         if registry is not None:
             self.deadline = self.loop.time() + registry.limits.body_timeout
 
+    def on_body(self, body: bytes) -> None:
+        if not self._fast:
+            super().on_body(body)
+            return
+        if self._fast_answered:
+            return
+        self._fast_size += len(body)
+        endpoint = self._active.endpoint
+        if self._fast_size > endpoint.max_body:  # answered now, the rest never buffered
+            self._fast_chunks = []
+            self._answer_fast(endpoint.too_large(self._fast_start))
+            return
+        self._fast_chunks.append(body)
+
     def on_message_complete(self) -> None:
         if self._upgrade_framing is not None:
             return  # llhttp stopped at the headers: the body is still to be read
+        if self._fast:
+            self._fast = False
+            self._reading = False
+            self.deadline = _NEVER
+            if self._fast_answered:
+                self._fast_answered = False
+                return
+            chunks = self._fast_chunks
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self._fast_chunks = []
+            self._answer_fast(self._active.endpoint.respond(body, self._fast_start))
+            return
         super().on_message_complete()
         self._reading = False
         self.deadline = _NEVER  # the app's turn; after the response, uvicorn's keep-alive
@@ -193,6 +291,70 @@ class EnrichHttpProtocol(HttpToolsProtocol):
         waiting = not self._reading and (self.cycle is None or self.cycle.response_complete)
         if registry is not None and waiting and not self.transport.is_closing():
             registry.became_idle(self)
+
+    # The fast lane.
+
+    def _takes_fast_lane(self, lane: FastLane) -> bool:
+        return (
+            self.parser.get_method() == b"POST"
+            and lane.matches(self.url)
+            and not self.parser.should_upgrade()
+            and (self.cycle is None or self.cycle.response_complete)  # no ASGI call ahead
+            and not self.pipeline
+        )
+
+    def _begin_fast(self, lane: FastLane) -> None:
+        self._fast = True
+        self._active = lane
+        self._fast_size = 0
+        self._fast_start = _clock()
+        self._fast_keep_alive = (
+            self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        )
+        registry = self._registry
+        if registry is not None:
+            self.deadline = self.loop.time() + registry.limits.body_timeout
+        endpoint = lane.endpoint
+        if endpoint.has_auth:
+            url = self.url
+            query = url[lane.query_at + 1 :] if len(url) > lane.query_at else b""
+            scope = {"headers": self.headers, "query_string": query, "client": self.client}
+            refusal = endpoint.refuse(scope)
+            if refusal is not None:  # before the body, as the ASGI lane does
+                endpoint.tally.request(refusal[0], _clock() - self._fast_start)
+                self._answer_fast(refusal)
+                return
+        if self.expect_100_continue:
+            self.transport.write(_CONTINUE)
+
+    def _answer_fast(self, reply: Reply) -> None:
+        """Write the whole response at once; then the connection is ready for the next."""
+        self._fast_answered = self._reading  # still reading: the rest of the body is discarded
+        close = not self._fast_keep_alive
+        lane = self._active
+        lane.endpoint.tally.fast_lane += 1
+        transport = self.transport
+        transport.write(lane.encode(reply, self.server_state.default_headers, close))
+        if close:
+            transport.close()
+            return
+        self.on_response_complete()
+        if self.flow.write_paused and not self._paused_for_writes:
+            # The client stops reading: read no more requests until it catches up.
+            self._paused_for_writes = True
+            self.flow.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._paused_for_writes:
+            self._paused_for_writes = False
+            self.flow.resume_reading()
+
+    def shutdown(self) -> None:
+        if self._fast:  # a request still arriving: answer it, then close
+            self._fast_keep_alive = False
+        else:
+            super().shutdown()
 
     # Upgrade ignored.
 
