@@ -45,11 +45,15 @@ def test_micro_bench_runs(tmp_path: Path) -> None:
          "--iterations", "50", "--cache", str(tmp_path)],
         capture_output=True, text=True, check=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    *rows, rotating = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["case"] for row in rows] == [
         "seed_app", "seed_ctv", "seed_web", "seed_app_gdpr", "seed_app_gpp", "synthetic_hit",
         "miss",
     ]  # fmt: skip
+    assert rotating["case"] == "rotating"
+    assert rotating["bodies"] > 700  # the corpus and the synthetic requests
+    assert 0.2 < rotating["hit_share"] < 0.9
+    assert 0 < rotating["total_us_min"] <= rotating["total_us_median"]
     for row in rows:
         assert row["store_identities"] > 2000
         for part in ("total", "decode", "keys", "lookup", "metrics", "auth", "privacy"):
