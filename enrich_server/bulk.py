@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 import lmdb
-import msgspec
+import pyarrow as pa
+import pyarrow.ipc
 
 from enrich_server import bulk_worker
 from enrich_server.bulk_worker import Chunk, Parsed, Sorted, intern_segment, write_txn
@@ -49,22 +50,20 @@ from enrich_server.generations import BUILD_PREFIX, Lease, publish, remove_unuse
 from enrich_server.progress import Progress
 from enrich_server.snapshot import MAX_REPORTED_PROBLEMS, LoadReport, parse_line
 from enrich_server.store import (
-    _MAX_DBS,
-    _MEMBERS,
-    _META,
-    _SEGMENT_IDS,
-    _SEGMENT_NAMES,
     DATA_FILE,
     DEFAULT_MAP_SIZE,
     StoreWriter,
+    Tables,
+    open_environment,
     publish_with_dmp_state,
     store_dir,
 )
 
 #: Input bytes a worker parses at a time, at most (fewer when that leaves a worker idle).
 CHUNK_BYTES: Final = 16 << 20
-#: Input bytes per key range, the unit sorted in memory by one worker, at most.
-RANGE_BYTES: Final = 32 << 20
+#: Input bytes per key range, the unit sorted in memory by one worker, at most: small enough
+#: that a range's keys sort in the CPU's caches (4x faster than ten times as many).
+RANGE_BYTES: Final = 6 << 20
 #: Chunks and key ranges per worker, at least: enough that none waits long for the last one.
 _PIECES_PER_WORKER: Final = 8
 #: Free bytes under which a failed write is put down to a full disk.
@@ -72,7 +71,6 @@ _NEARLY_FULL: Final = 1 << 20
 #: A build whose file is bigger than its pages in use times this is compacted.
 _MOSTLY_USED: Final = 1.25
 _SAMPLES_PER_RANGE: Final = 64
-_PAIRS: Final = msgspec.msgpack.Decoder(list[tuple[bytes, bytes]])
 _GZIP_MAGIC: Final = b"\x1f\x8b"
 T = TypeVar("T")
 
@@ -168,10 +166,21 @@ def _result(item: multiprocessing.pool.AsyncResult[object] | _Unreadable) -> obj
 
 
 def _append(
-    db: lmdb._Database, pairs: list[tuple[bytes, bytes]], txn: lmdb.Transaction[bytes]
+    db: lmdb._Database, keys: Sequence[bytes], values: Sequence[bytes], txn: lmdb.Transaction[bytes]
 ) -> None:
-    """Append sorted ``pairs`` after the keys ``db`` holds (no search, pages filled up)."""
-    txn.cursor(db=db).putmulti(pairs, append=True)
+    """Append sorted ``keys`` with their ``values`` after the keys ``db`` holds (no search,
+    pages filled up)."""
+    txn.cursor(db=db).putmulti(zip(keys, values, strict=True), append=True)
+
+
+def _sorted_range(path: str) -> tuple[Sequence[bytes], Sequence[bytes]]:
+    """A sorted range's keys and values as bytes: made by Arrow in C++, one object each,
+    the least ``putmulti`` takes (lists: iterated faster than numpy's object arrays)."""
+    with pa.memory_map(path) as source:
+        batch = pa.ipc.open_file(source).get_batch(0)
+        keys = batch.column(0).to_pylist()
+        values = batch.column(1).to_pylist()
+    return keys, values
 
 
 def _disk_full(exc: BaseException, building: Path) -> bool:
@@ -195,17 +204,17 @@ def _copy_store(live: Path | None, build: Path, map_size: int) -> None:
         pass
     if live is None:
         return
-    source = lmdb.open(str(live), readonly=True, max_dbs=_MAX_DBS)
-    target = lmdb.open(str(build), map_size=map_size, max_dbs=_MAX_DBS, sync=False)
+    source = open_environment(live, map_size=0, readonly=True)
+    target = open_environment(build, map_size=map_size, sync=False)
     try:
         with source.begin() as read, target.begin(write=True) as write:
             for name in [bytes(name) for name, _ in read.cursor()]:
-                if name == _MEMBERS:
+                if name == Tables.MEMBERS:
                     continue  # the one thing a replace replaces (DMP pushes included)
                 from_db = source.open_db(name, txn=read, create=False)
                 to_db = target.open_db(name, txn=write, **from_db.flags())
                 write.cursor(db=to_db).putmulti(read.cursor(db=from_db), dupdata=True)
-            meta = target.open_db(_META, txn=write, create=False)
+            meta = target.open_db(Tables.META, txn=write, create=False)
             generation = int(write.get(b"generation", b"0", db=meta)) + 1
             write.put(b"generation", str(generation).encode(), db=meta)
     finally:
@@ -280,10 +289,10 @@ class _Build:
         self.ranges = len(bounds) + 1
         # The sample's segments interned up front spare the workers most first sightings
         # (each one a slow-path line and a write transaction).
-        env = lmdb.open(str(building), map_size=map_size, max_dbs=_MAX_DBS)
+        env = open_environment(building, map_size=map_size)
         try:
-            ids_db = env.open_db(_SEGMENT_IDS, create=False)
-            names_db = env.open_db(_SEGMENT_NAMES, create=False)
+            ids_db = env.open_db(Tables.SEGMENT_IDS, create=False)
+            names_db = env.open_db(Tables.SEGMENT_NAMES, create=False)
             write_txn(env, lambda txn: [intern_segment(txn, ids_db, names_db, n) for n in segments])
         finally:
             env.close()
@@ -311,24 +320,24 @@ class _Build:
     def run(self, progress: bool) -> LoadReport:
         """Parse, then sort and write."""
         assert self.pool is not None
-        spans, line_records, report, records = self._parse(self.pool, progress)
+        spills, line_records, report, records = self._parse(self.pool, progress)
         bar = Progress("write", records) if progress else None
-        jobs = ((n, spans[n], n in line_records) for n in range(self.ranges))
+        jobs = ((n, spills[n], n in line_records) for n in range(self.ranges))
         written = removed = 0
-        env = lmdb.open(str(self.building), map_size=self.map_size, max_dbs=_MAX_DBS, sync=False)
+        env = open_environment(self.building, map_size=self.map_size, sync=False)
         try:
-            members = env.open_db(_MEMBERS, create=False)
+            members = env.open_db(Tables.MEMBERS, create=False)
             for item in _ordered(self.pool, bulk_worker.sort, jobs, self.workers + 1):
                 assert isinstance(item, Sorted)
-                pairs = _PAIRS.decode(Path(item.path).read_bytes())
+                keys, values = _sorted_range(item.path)
                 os.unlink(item.path)
-                write_txn(env, functools.partial(_append, members, pairs))
+                write_txn(env, functools.partial(_append, members, keys, values))
                 written += item.identities
                 removed += item.removed
                 if bar is not None:
                     bar.update(written, written)
             with env.begin(write=True) as txn:
-                meta = env.open_db(_META, txn=txn, create=False)
+                meta = env.open_db(Tables.META, txn=txn, create=False)
                 now = str(int(time.time())).encode()
                 txn.put(b"built_at", now, db=meta)
                 txn.put(b"updated_at", now, db=meta)
@@ -341,14 +350,15 @@ class _Build:
 
     def _parse(
         self, pool: multiprocessing.pool.Pool, progress: bool
-    ) -> tuple[list[list[tuple[str, int, int]]], set[int], LoadReport, int]:
-        """Phase 1: spans of each key range in the spills, ranges with line records, the
-        report so far, records spilled. Raises ``SnapshotError`` on any bad line."""
+    ) -> tuple[list[list[str]], set[int], LoadReport, int]:
+        """Phase 1: the spills holding records of each key range (in input order), ranges
+        with line records, the report so far, records spilled. Raises ``SnapshotError`` on
+        any bad line."""
         bar = Progress("load", self.total) if progress else None
         problems: list[str] = []
         more = lines = added = records = 0
         line_of_file = [0] * len(self.paths)
-        spans: list[list[tuple[str, int, int]]] = [[] for _ in range(self.ranges)]
+        spills: list[list[str]] = [[] for _ in range(self.ranges)]
         line_records: set[int] = set()
         for item in _ordered(
             pool, bulk_worker.parse, _chunks(self.paths, self.chunk_bytes), 2 * self.workers
@@ -371,22 +381,23 @@ class _Build:
             records += item.records
             line_records |= item.line_records
             chunk = str(self.spill / f"chunk-{item.index}")
-            for key_range, (start, length) in enumerate(item.spans):
-                spans[key_range].append((chunk, start, length))
+            for key_range, rows in enumerate(item.rows):
+                if rows:
+                    spills[key_range].append(chunk)
             if bar is not None:
                 bar.update(item.done, lines)
         if problems:
             raise SnapshotError(problems, more)
         if bar is not None:
             bar.finish(lines)
-        return spans, line_records, LoadReport(lines, added, 0), records
+        return spills, line_records, LoadReport(lines, added, 0), records
 
 
 def _compact(building: Path, map_size: int) -> None:
     """Rewrite the build without its free pages when they are many: the workers' small
     commits interning segments can leave megabytes behind, which weigh on a small store.
     Only this process has the environment open by now."""
-    env = lmdb.open(str(building), map_size=map_size, max_dbs=_MAX_DBS)
+    env = open_environment(building, map_size=map_size)
     try:
         with env.begin() as txn:
             stats = [
