@@ -41,6 +41,7 @@ from enrich_server.store import (
 LINE_RECORD: Final = b"\xc1"
 #: The schema of every record batch of the build.
 RECORDS: Final = pa.schema([("key", pa.large_binary()), ("value", pa.large_binary())])
+_EMPTY: Final = pa.array([], pa.large_binary())
 _ENCODER: Final = msgspec.msgpack.Encoder()
 _LINE: Final = msgspec.msgpack.Decoder(tuple[int, list[str], list[str]])
 
@@ -153,7 +154,7 @@ class Worker:
             lines = _lines_of(data)
             parsed = Parsed(chunk.index, chunk.file, chunk.done, len(lines))
             numbers = list(range(len(lines)))
-            keys: pa.LargeBinaryArray = pa.array([], pa.large_binary())
+            keys: pa.LargeBinaryArray = _EMPTY
             values: pa.LargeBinaryArray = keys
             rows = np.zeros(0, np.int64)
         else:
@@ -224,9 +225,8 @@ class Worker:
     def sort(self, key_range: int, chunks: list[str], lines: bool) -> Sorted:
         """Sort one key range of every chunk (in input order) and merge each key's lines."""
         batches = [self._reader(path).get_batch(key_range) for path in chunks]
-        empty = pa.array([], pa.large_binary())
-        keys = pa.concat_arrays([empty, *(batch.column(0) for batch in batches)])
-        values = pa.concat_arrays([empty, *(batch.column(1) for batch in batches)])
+        keys = pa.concat_arrays([_EMPTY, *(batch.column(0) for batch in batches)])
+        values = pa.concat_arrays([_EMPTY, *(batch.column(1) for batch in batches)])
         order = pc.sort_indices(keys)  # stable: input order for lines of one key
         keys, values = keys.take(order), values.take(order)
         merging = np.zeros(len(keys), np.bool_)
@@ -290,7 +290,9 @@ def _batches(
     out: list[pa.RecordBatch] = []
     start = 0
     for count in rows:
-        out.append(pa.record_batch([keys.slice(start, count), values.slice(start, count)], RECORDS))
+        # An empty slice would be written with the whole offsets buffer: a fresh one is not.
+        part = [keys.slice(start, count), values.slice(start, count)] if count else [_EMPTY] * 2
+        out.append(pa.record_batch(part, RECORDS))
         start += count
     return out
 
