@@ -5,8 +5,8 @@ A chunk is parsed column by column (``columnar``), the lines that cannot be take
 are one by one with ``snapshot.parse_line``. A record is a key and either a ``members``
 value (a line that only adds, encoded at once) or, starting with ``LINE_RECORD``, the line
 itself (``[expires, [added], [removed]]`` by name), merged when its key range is sorted, once
-every segment of the build is interned. Records travel as Arrow IPC files in the build
-directory: a chunk's file holds one record batch per key range, a sorted range's one batch.
+every segment of the build is interned. Records travel as Arrow IPC streams in files of the
+build directory: a chunk's file holds one per key range, a sorted range's file one.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ class Parsed:
     problems: list[tuple[int, str]] = field(default_factory=list)
     more: int = 0
     rows: list[int] = field(default_factory=list)
-    """Records spilled of each key range (the chunk's file has a batch per range)."""
+    """Records spilled of each key range."""
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    """Where each key range's records are in the chunk's file (offset, length)."""
     line_records: set[int] = field(default_factory=set)
     """Key ranges holding records of lines with removals."""
     records: int = 0
@@ -121,7 +123,6 @@ class Worker:
                 if segment_name_problem(text) is None:  # not interned by laxer rules
                     self.interned[text] = unpack_segment_id(packed)
         self.segments.add(list(self.interned), list(self.interned.values()))
-        self.readers: dict[str, pa.ipc.RecordBatchFileReader] = {}
 
     def intern(self, names: list[str]) -> list[int]:
         """The ids of segments ``names``, the new ones interned in the build (in one
@@ -185,7 +186,7 @@ class Worker:
         order = pa.array(np.argsort(where, kind="stable"))
         parsed.rows = np.bincount(where, minlength=self.ranges).tolist()
         parsed.records = len(keys)
-        write_spill(
+        parsed.spans = write_spill(
             self.spill / f"chunk-{chunk.index}",
             _batches(keys.take(order), values.take(order), parsed.rows),
         )
@@ -222,9 +223,9 @@ class Worker:
             return snapshot_line.key, LINE_RECORD + _ENCODER.encode(record)
         return snapshot_line.key, encode_memberships(dict.fromkeys(ids, snapshot_line.expires))
 
-    def sort(self, key_range: int, chunks: list[str], lines: bool) -> Sorted:
+    def sort(self, key_range: int, spans: list[tuple[str, int, int]], lines: bool) -> Sorted:
         """Sort one key range of every chunk (in input order) and merge each key's lines."""
-        batches = [self._reader(path).get_batch(key_range) for path in chunks]
+        batches = [read_spill(*span) for span in spans]
         keys = pa.concat_arrays([_EMPTY, *(batch.column(0) for batch in batches)])
         values = pa.concat_arrays([_EMPTY, *(batch.column(1) for batch in batches)])
         order = pc.sort_indices(keys)  # stable: input order for lines of one key
@@ -255,12 +256,6 @@ class Worker:
         path = self.spill / f"range-{key_range}"
         write_spill(path, [pa.record_batch([keys, values], RECORDS)])
         return Sorted(str(path), len(keys), removed)
-
-    def _reader(self, path: str) -> pa.ipc.RecordBatchFileReader:
-        reader = self.readers.get(path)
-        if reader is None:
-            reader = self.readers[path] = pa.ipc.open_file(pa.memory_map(path))
-        return reader
 
     def _merge(self, pairs: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], int]:
         merged: list[tuple[bytes, bytes]] = []
@@ -334,13 +329,27 @@ def intern_segment(
     return unpack_segment_id(packed)
 
 
-def write_spill(path: Path, batches: list[pa.RecordBatch]) -> None:
-    """Write a temporary file of the build (an Arrow IPC file of ``batches``): the one seam
-    where the build's own files reach the disk (tests inject a full disk here when they
-    cannot mount a small one)."""
-    with pa.OSFile(str(path), "wb") as out, pa.ipc.new_file(out, RECORDS) as writer:
+def write_spill(path: Path, batches: list[pa.RecordBatch]) -> list[tuple[int, int]]:
+    """Write a temporary file of the build, one Arrow IPC stream per batch, and return where
+    each is (offset, length): the one seam where the build's own files reach the disk (tests
+    inject a full disk here when they cannot mount a small one)."""
+    spans: list[tuple[int, int]] = []
+    with pa.OSFile(str(path), "wb") as out:
         for batch in batches:
-            writer.write_batch(batch)
+            start = out.tell()
+            with pa.ipc.new_stream(out, RECORDS) as writer:
+                writer.write_batch(batch)
+            spans.append((start, out.tell() - start))
+    return spans
+
+
+def read_spill(path: str, start: int, length: int) -> pa.RecordBatch:
+    """The batch ``write_spill`` put at ``start`` (read, not mapped: a map would keep every
+    page read in the process's memory)."""
+    with pa.OSFile(path) as source:
+        source.seek(start)
+        data = source.read(length)
+    return pa.ipc.open_stream(data).read_next_batch()
 
 
 _worker: Worker | None = None
@@ -358,7 +367,7 @@ def parse(chunk: Chunk) -> Parsed:
     return _worker.parse(chunk)
 
 
-def sort(job: tuple[int, list[str], bool]) -> Sorted:
+def sort(job: tuple[int, list[tuple[str, int, int]], bool]) -> Sorted:
     """Pool task: ``Worker.sort``."""
     assert _worker is not None
     return _worker.sort(*job)

@@ -272,3 +272,18 @@ def test_disk_full_during_build_leaves_the_live_store_serving(
         reader = SegmentStore(store)
         assert reader.resolve([b"uid:live"], 0, 10).segments_json == [b'"kept"']
         reader.close()
+
+
+def test_bulk_build_reports_a_corrupt_gzip_file_as_unreadable(tmp_path: Path) -> None:
+    packed = bytearray(gzip.compress("".join(snapshot_lines(2000, seed=4)).encode()))
+    packed[len(packed) // 2 : len(packed) // 2 + 64] = bytes(64)  # deflate data destroyed
+    snapshot = tmp_path / "s.tsv.gz"
+    snapshot.write_bytes(bytes(packed))
+    store = tmp_path / "store"
+    load_snapshots([_write(tmp_path / "live.tsv", "uid:live\tkept\n")], store, progress=False)
+    with pytest.raises(SnapshotError) as info:
+        load_snapshots([snapshot], store, replace=True, progress=False)
+    assert info.value.problems[-1].startswith(f"{snapshot}:")
+    assert "unreadable" in info.value.problems[-1]
+    assert _items(store) == {b"uid:live": {"kept": 0}}
+    assert _leftovers(store) == []
