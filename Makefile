@@ -63,8 +63,8 @@ bench-quick: $(STAMP) bench-deps ## the same, shorter (< 2 min)
 bench-micro: $(STAMP) ## in-process app work per request (decode + lookups + encode), 1M-identity store
 	$(BIN)/python -m bench.micro
 
-bench-store: $(STAMP) bench-deps ## the store at 10k/1M/10M identities: build, size, lookups, worker RSS, /enrich (~15 min, ~2 GB)
-	$(BIN)/python -m bench.store --profile full
+bench-store: $(STAMP) bench-deps ## the store at 10k/1M/10M identities: build, size, lookups, worker RSS, /enrich (~12 min, ~3 GB; BASELINE=REF also serves REF's 10M build)
+	$(BIN)/python -m bench.store --profile full $(if $(BASELINE),--baseline $(BASELINE))
 
 .PHONY: bench-ingest
 bench-ingest: $(STAMP) bench-deps ## DMP micro-batches pushed beside /enrich open-loop load, both durabilities (~5 min)

@@ -1,48 +1,48 @@
 """The worker side of the bulk build (``bulk``): each pool process parses chunks of the
 snapshots into records spilled by key range, then sorts and merges key ranges.
 
-A record is a key and either a ``members`` value (a line that only adds, encoded at once) or,
-starting with ``LINE_RECORD``, the line itself (``[expires, [added], [removed]]`` by name),
-merged when its key range is sorted, once every segment of the build is interned.
+A chunk is parsed column by column (``columnar``), the lines that cannot be taken as they
+are one by one with ``snapshot.parse_line``. A record is a key and either a ``members``
+value (a line that only adds, encoded at once) or, starting with ``LINE_RECORD``, the line
+itself (``[expires, [added], [removed]]`` by name), merged when its key range is sorted, once
+every segment of the build is interned. Records travel as Arrow IPC streams in files of the
+build directory: a chunk's file holds one per key range, a sorted range's file one.
 """
 
 from __future__ import annotations
 
-import bisect
-import contextlib
 import gc
 import itertools
-import re
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from operator import itemgetter
 from pathlib import Path
 from typing import Final, TypeVar
 
 import lmdb
 import msgspec
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc
 
-from enrich_server.keys import MAX_KEY_BYTES
-from enrich_server.snapshot import MAX_REPORTED_PROBLEMS, parse_line
+from enrich_server.snapshot import MAX_REPORTED_PROBLEMS, parse_line, segment_name_problem
 from enrich_server.store import (
-    _MAX_DBS,
-    _SEGMENT_ID,
-    _SEGMENT_IDS,
-    _SEGMENT_NAMES,
+    Tables,
     decode_memberships,
     encode_memberships,
+    open_environment,
+    pack_segment_id,
+    unpack_segment_id,
 )
-from enrich_server.store import _VALUE_ENCODER as VALUE_ENCODER
 
-_MAX_EXPIRES: Final = 2**32 - 1
-#: Keys already in normal form (``keys.parse_key`` would return them as they are); anything
-#: else (upper case, non-ASCII, odd eid sources) takes the exact slow path.
-_PLAIN_KEY: Final = re.compile(
-    r"(?:uid|bundle|gpid):.+|(?:ifa|domain):[\x00-\x40\x5b-\x7f]+|eid:[a-z0-9._-]+:.+", re.DOTALL
-)
 #: msgpack's never-used byte: starts a record that is a line with removals, not a value.
 LINE_RECORD: Final = b"\xc1"
-_RECORDS: Final = msgspec.msgpack.Decoder(tuple[list[bytes], list[bytes]])
+#: The schema of every record batch of the build.
+RECORDS: Final = pa.schema([("key", pa.large_binary()), ("value", pa.large_binary())])
+_EMPTY: Final = pa.array([], pa.large_binary())
+_ENCODER: Final = msgspec.msgpack.Encoder()
 _LINE: Final = msgspec.msgpack.Decoder(tuple[int, list[str], list[str]])
 
 T = TypeVar("T")
@@ -72,12 +72,15 @@ class Parsed:
     """Input bytes read once this chunk is done (for progress)."""
     lines: int
     """Lines in the chunk, blank and comments included (for line numbers)."""
-    counted: int
+    counted: int = 0
     """Lines that are neither blank nor comments."""
     added: int = 0
     problems: list[tuple[int, str]] = field(default_factory=list)
     more: int = 0
+    rows: list[int] = field(default_factory=list)
+    """Records spilled of each key range."""
     spans: list[tuple[int, int]] = field(default_factory=list)
+    """Where each key range's records are in the chunk's file (offset, length)."""
     line_records: set[int] = field(default_factory=set)
     """Key ranges holding records of lines with removals."""
     records: int = 0
@@ -97,35 +100,41 @@ class Worker:
 
     def __init__(self, build: Path, bounds: list[bytes], spill: Path, map_size: int) -> None:
         gc.disable()  # parsing allocates millions of short-lived containers, never a cycle
-        self.bounds = bounds
+        # Imported here, in the forked worker: polars must not be forked once started, and
+        # one thread each is what the pool's one worker per core wants.
+        os.environ["POLARS_MAX_THREADS"] = "1"
+        from enrich_server import columnar  # noqa: PLC0415
+
+        pa.set_cpu_count(1)
+        self.columnar = columnar
+        self.bounds = columnar.Bounds(bounds)
+        self.ranges = len(bounds) + 1
         self.spill = spill
         # No sync per commit: the builder syncs the whole file once before publishing.
-        self.env = lmdb.open(str(build), map_size=map_size, max_dbs=_MAX_DBS, sync=False)
-        self.ids_db = self.env.open_db(_SEGMENT_IDS, create=False)
-        self.names_db = self.env.open_db(_SEGMENT_NAMES, create=False)
-        self.encoded: dict[str, bytes] = {}
-        """Segment name -> its id as msgpack, for the fast path (valid names only)."""
-        self.prefixes: dict[str, dict[int, bytes]] = {}
-        """Value headers by expiry (as written) and segment count."""
+        self.env = open_environment(build, map_size=map_size, sync=False)
+        self.ids_db = self.env.open_db(Tables.SEGMENT_IDS, create=False)
+        self.names_db = self.env.open_db(Tables.SEGMENT_NAMES, create=False)
+        self.segments = columnar.Segments()
+        self.interned: dict[str, int] = {}
+        """Segment name -> id, for the line parser (valid names only)."""
         with self.env.begin() as txn:
             for name, packed in txn.cursor(db=self.ids_db):
                 text = bytes(name).decode()
-                with contextlib.suppress(ValueError):  # interned by older, laxer rules
-                    parse_line(f"uid:x\t{text}")
-                    self.encoded[text] = VALUE_ENCODER.encode(_SEGMENT_ID.unpack(packed)[0])
+                if segment_name_problem(text) is None:  # not interned by laxer rules
+                    self.interned[text] = unpack_segment_id(packed)
+        self.segments.add(list(self.interned), list(self.interned.values()))
 
-    def intern(self, names: list[str]) -> list[bytes]:
-        """The msgpack ids of segments ``names``, the new ones interned in the build (in one
+    def intern(self, names: list[str]) -> list[int]:
+        """The ids of segments ``names``, the new ones interned in the build (in one
         transaction: each commit leaves pages behind)."""
-        new = [name for name in dict.fromkeys(names) if name not in self.encoded]
+        new = [name for name in dict.fromkeys(names) if name not in self.interned]
         if new:
             sids = write_txn(
                 self.env,
                 lambda txn: [intern_segment(txn, self.ids_db, self.names_db, n) for n in new],
             )
-            for name, sid in zip(new, sids, strict=True):
-                self.encoded[name] = VALUE_ENCODER.encode(sid)
-        return [self.encoded[name] for name in names]
+            self.interned.update(zip(new, sids, strict=True))
+        return [self.interned[name] for name in names]
 
     def segment_ids(self, names: list[str]) -> list[int | None]:
         """Ids of ``names`` as interned in the build (``None`` for unknown names)."""
@@ -136,84 +145,61 @@ class Worker:
             txn = self.env.begin(db=self.ids_db)
         with txn:
             found = [txn.get(name.encode()) for name in names]
-        return [_SEGMENT_ID.unpack(raw)[0] if raw is not None else None for raw in found]
-
-    def value(self, ids: list[bytes], expires: str) -> bytes:
-        """A ``members`` value for segments ``ids`` (msgpack ids) with ``expires`` (digits,
-        or empty for never): byte for byte what ``store.encode_memberships`` makes of a line."""
-        if len(ids) > 1 and len(set(ids)) != len(ids):
-            ids = list(dict.fromkeys(ids))
-        by_count = self.prefixes.get(expires)
-        if by_count is None:
-            by_count = self.prefixes[expires] = {}
-        prefix = by_count.get(len(ids))
-        if prefix is None:
-            count = len(ids)
-            # Header of an array of count + 2 items, then expires and count; ids follow.
-            whole = VALUE_ENCODER.encode([int(expires or 0), count, *([0] * count)])
-            prefix = by_count[count] = whole[: len(whole) - count]
-        return prefix + b"".join(ids)
+        return [unpack_segment_id(raw) if raw is not None else None for raw in found]
 
     def parse(self, chunk: Chunk) -> Parsed:
         """Parse a chunk and spill its records by key range."""
         data = chunk.data if chunk.data is not None else _read_span(chunk)
-        try:
-            lines: list[str] | list[str | ValueError] = _split(data.decode())
-        except UnicodeDecodeError:
-            lines = _split_slowly(data)
-        ranges = len(self.bounds) + 1
-        keys: list[list[bytes]] = [[] for _ in range(ranges)]
-        values: list[list[bytes]] = [[] for _ in range(ranges)]
-        parsed = Parsed(chunk.index, chunk.file, chunk.done, len(lines), 0)
-        # The loop below runs once per line of the input: locals only, no calls it can spare.
-        encoded = self.encoded
-        plain_key = _PLAIN_KEY.fullmatch
-        where = bisect.bisect_right
-        bounds = self.bounds
-        value = self.value
-        fast = 0
-        for number, line in enumerate(lines, start=1):
-            if isinstance(line, str) and not parsed.problems:
-                if not line or line[0] == "#":
-                    continue
-                key, _, rest = line.partition("\t")
-                segments, _, expires = rest.partition("\t")
-                if ((key[:4] == "uid:" and len(key) > 4) or plain_key(key) is not None) and (
-                    not expires or (expires.isdigit() and int(expires) <= _MAX_EXPIRES)
-                ):
-                    try:
-                        ids = list(map(encoded.__getitem__, segments.split(",")))
-                    except KeyError:
-                        pass  # a new segment, a removal or a bad name: the slow path says
-                    else:
-                        raw_key = key.encode()
-                        if len(raw_key) <= MAX_KEY_BYTES:
-                            where_to = where(bounds, raw_key)
-                            keys[where_to].append(raw_key)
-                            values[where_to].append(value(ids, expires))
-                            fast += 1
-                            continue
-            record = self._slow(number, line, parsed)
+        columns = self.columnar.parse(data, self.segments, self._learn)
+        if columns is None:  # the whole chunk line by line
+            lines = _lines_of(data)
+            parsed = Parsed(chunk.index, chunk.file, chunk.done, len(lines))
+            numbers = list(range(len(lines)))
+            keys: pa.LargeBinaryArray = _EMPTY
+            values: pa.LargeBinaryArray = keys
+            rows = np.zeros(0, np.int64)
+        else:
+            lines = _lines_of(data) if len(columns.declined) else []
+            parsed = Parsed(chunk.index, chunk.file, chunk.done, columns.lines)
+            parsed.counted = parsed.added = len(columns.keys)
+            numbers = columns.declined.tolist()
+            keys, values, rows = columns.keys, columns.values, columns.rows
+        slow_keys: list[bytes] = []
+        slow_values: list[bytes] = []
+        slow_rows: list[int] = []
+        for number in numbers:
+            record = self._slow(number + 1, lines[number], parsed)
             if record is not None:
-                where_to = where(bounds, record[0])
-                keys[where_to].append(record[0])
-                values[where_to].append(record[1])
-                if record[1][:1] == LINE_RECORD:
-                    parsed.line_records.add(where_to)
-        parsed.counted += fast
-        parsed.added += fast
-        if not parsed.problems:
-            parsed.records = sum(map(len, keys))
-            blobs = [VALUE_ENCODER.encode(pair) for pair in zip(keys, values, strict=True)]
-            offsets = itertools.accumulate(map(len, blobs), initial=0)
-            parsed.spans = [(start, len(blob)) for start, blob in zip(offsets, blobs, strict=False)]
-            write_spill(self.spill / f"chunk-{chunk.index}", blobs)
+                slow_keys.append(record[0])
+                slow_values.append(record[1])
+                slow_rows.append(number)
+        if parsed.problems:
+            return parsed
+        if slow_keys:  # back in input order: the sort keeps it for lines of one key
+            keys = pa.concat_arrays([keys, pa.array(slow_keys, pa.large_binary())])
+            values = pa.concat_arrays([values, pa.array(slow_values, pa.large_binary())])
+            order = pa.array(np.argsort(np.append(rows, slow_rows), kind="stable"))
+            keys, values = keys.take(order), values.take(order)
+        where = self.bounds.ranges(keys)
+        if any(value[:1] == LINE_RECORD for value in slow_values):
+            parsed.line_records = {int(r) for r in np.unique(where[_line_records(values)])}
+        order = pa.array(np.argsort(where, kind="stable"))
+        parsed.rows = np.bincount(where, minlength=self.ranges).tolist()
+        parsed.records = len(keys)
+        parsed.spans = write_spill(
+            self.spill / f"chunk-{chunk.index}",
+            _batches(keys.take(order), values.take(order), parsed.rows),
+        )
         return parsed
+
+    def _learn(self, names: list[str]) -> list[int]:
+        """``intern`` for the columnar parse, which also learns the names."""
+        return self.intern(names)
 
     def _slow(
         self, number: int, line: str | ValueError, parsed: Parsed
     ) -> tuple[bytes, bytes] | None:
-        """Any line the fast path declined: exactly what the transactional loader does."""
+        """Any line the columnar parse declined: exactly what the transactional loader does."""
         if isinstance(line, str) and (not line or line[0] == "#"):
             return None
         parsed.counted += 1
@@ -234,37 +220,49 @@ class Worker:
         ids = self.intern(snapshot_line.add)
         if snapshot_line.remove:
             record = (snapshot_line.expires, snapshot_line.add, snapshot_line.remove)
-            return snapshot_line.key, LINE_RECORD + VALUE_ENCODER.encode(record)
-        return snapshot_line.key, self.value(ids, str(snapshot_line.expires or ""))
+            return snapshot_line.key, LINE_RECORD + _ENCODER.encode(record)
+        return snapshot_line.key, encode_memberships(dict.fromkeys(ids, snapshot_line.expires))
 
     def sort(self, key_range: int, spans: list[tuple[str, int, int]], lines: bool) -> Sorted:
         """Sort one key range of every chunk (in input order) and merge each key's lines."""
-        keys: list[bytes] = []
-        values: list[bytes] = []
-        for spilled, start, length in spans:
-            with open(spilled, "rb") as spill:
-                spill.seek(start)
-                more_keys, more_values = _RECORDS.decode(spill.read(length))
-            keys += more_keys
-            values += more_values
-        pairs = sorted(zip(keys, values, strict=True), key=itemgetter(0))  # stable: input order
+        batches = [read_spill(*span) for span in spans]
+        keys = pa.concat_arrays([_EMPTY, *(batch.column(0) for batch in batches)])
+        values = pa.concat_arrays([_EMPTY, *(batch.column(1) for batch in batches)])
+        order = pc.sort_indices(keys)  # stable: input order for lines of one key
+        keys, values = keys.take(order), values.take(order)
+        merging = np.zeros(len(keys), np.bool_)
+        if len(keys) > 1:
+            same = pc.equal(keys[1:], keys[:-1]).to_numpy(zero_copy_only=False)
+            merging[1:] |= same
+            merging[:-1] |= same
+        if lines:
+            merging |= _line_records(values)
         removed = 0
-        if lines or len(set(keys)) != len(keys):
-            pairs, removed = self._merge(pairs)
+        if merging.any():
+            group = pa.array(merging)
+            pairs = list(
+                zip(keys.filter(group).to_pylist(), values.filter(group).to_pylist(), strict=True)
+            )
+            merged, removed = self._merge(pairs)
+            kept = pa.array(~merging)
+            keys = pa.concat_arrays(
+                [keys.filter(kept), pa.array([k for k, _ in merged], pa.large_binary())]
+            )
+            values = pa.concat_arrays(
+                [values.filter(kept), pa.array([v for _, v in merged], pa.large_binary())]
+            )
+            order = pc.sort_indices(keys)
+            keys, values = keys.take(order), values.take(order)
         path = self.spill / f"range-{key_range}"
-        write_spill(path, [VALUE_ENCODER.encode(pairs)])
-        return Sorted(str(path), len(pairs), removed)
+        write_spill(path, [pa.record_batch([keys, values], RECORDS)])
+        return Sorted(str(path), len(keys), removed)
 
     def _merge(self, pairs: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], int]:
         merged: list[tuple[bytes, bytes]] = []
         removed = 0
-        for key, group in itertools.groupby(pairs, key=itemgetter(0)):
-            values = [value for _, value in group]
-            if len(values) == 1 and values[0][:1] != LINE_RECORD:
-                merged.append((key, values[0]))
-                continue
+        for key, group in itertools.groupby(pairs, key=lambda pair: pair[0]):
             memberships: dict[int, int] = {}
-            for value in values:
+            for _, value in group:
                 if value[:1] != LINE_RECORD:
                     memberships.update(decode_memberships(value))
                     continue
@@ -278,6 +276,30 @@ class Worker:
             if memberships:
                 merged.append((key, encode_memberships(memberships)))
         return merged, removed
+
+
+def _batches(
+    keys: pa.LargeBinaryArray, values: pa.LargeBinaryArray, rows: list[int]
+) -> list[pa.RecordBatch]:
+    """Records sorted by key range cut into one record batch per range (slices, no copy)."""
+    out: list[pa.RecordBatch] = []
+    start = 0
+    for count in rows:
+        # An empty slice would be written with the whole offsets buffer: a fresh one is not.
+        part = [keys.slice(start, count), values.slice(start, count)] if count else [_EMPTY] * 2
+        out.append(pa.record_batch(part, RECORDS))
+        start += count
+    return out
+
+
+def _line_records(values: pa.LargeBinaryArray) -> npt.NDArray[np.bool_]:
+    """Which of ``values`` are line records (``LINE_RECORD`` first; a value is never empty)."""
+    if not len(values):
+        return np.zeros(0, np.bool_)
+    _, offsets, data = values.buffers()
+    starts = np.frombuffer(offsets, np.int64, len(values), values.offset * 8)
+    first: npt.NDArray[np.bool_] = np.frombuffer(data, np.uint8)[starts] == LINE_RECORD[0]
+    return first
 
 
 def write_txn(env: lmdb.Environment, work: Callable[[lmdb.Transaction[bytes]], T]) -> T:
@@ -301,18 +323,33 @@ def intern_segment(
     raw_name = name.encode()
     packed = txn.get(raw_name, db=ids_db)
     if packed is None:
-        packed = _SEGMENT_ID.pack(txn.stat(names_db)["entries"] + 1)
+        packed = pack_segment_id(txn.stat(names_db)["entries"] + 1)
         txn.put(raw_name, packed, db=ids_db)
         txn.put(packed, raw_name, db=names_db)
-    sid: int = _SEGMENT_ID.unpack(packed)[0]
-    return sid
+    return unpack_segment_id(packed)
 
 
-def write_spill(path: Path, blobs: list[bytes]) -> None:
-    """Write a temporary file of the build: the one seam where the build's own files reach
-    the disk (tests inject a full disk here when they cannot mount a small one)."""
-    with path.open("wb") as out:
-        out.writelines(blobs)
+def write_spill(path: Path, batches: list[pa.RecordBatch]) -> list[tuple[int, int]]:
+    """Write a temporary file of the build, one Arrow IPC stream per batch, and return where
+    each is (offset, length): the one seam where the build's own files reach the disk (tests
+    inject a full disk here when they cannot mount a small one)."""
+    spans: list[tuple[int, int]] = []
+    with pa.OSFile(str(path), "wb") as out:
+        for batch in batches:
+            start = out.tell()
+            with pa.ipc.new_stream(out, RECORDS) as writer:
+                writer.write_batch(batch)
+            spans.append((start, out.tell() - start))
+    return spans
+
+
+def read_spill(path: str, start: int, length: int) -> pa.RecordBatch:
+    """The batch ``write_spill`` put at ``start`` (read, not mapped: a map would keep every
+    page read in the process's memory)."""
+    with pa.OSFile(path) as source:
+        source.seek(start)
+        data = source.read(length)
+    return pa.ipc.open_stream(data).read_next_batch()
 
 
 _worker: Worker | None = None
@@ -334,6 +371,13 @@ def sort(job: tuple[int, list[tuple[str, int, int]], bool]) -> Sorted:
     """Pool task: ``Worker.sort``."""
     assert _worker is not None
     return _worker.sort(*job)
+
+
+def _lines_of(data: bytes) -> list[str] | list[str | ValueError]:
+    try:
+        return _split(data.decode())
+    except UnicodeDecodeError:
+        return _split_slowly(data)
 
 
 def _split(text: str) -> list[str]:

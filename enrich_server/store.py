@@ -71,6 +71,48 @@ _VALUE_DECODER: Final = msgspec.msgpack.Decoder(list[int])
 _JSON_ENCODER: Final = msgspec.json.Encoder()
 
 
+class Tables:
+    """The named databases of a store (the layout above), for code that writes whole stores
+    (``bulk``); everything else goes through ``SegmentStore`` and ``StoreWriter``."""
+
+    META: Final = _META
+    SEGMENT_IDS: Final = _SEGMENT_IDS
+    SEGMENT_NAMES: Final = _SEGMENT_NAMES
+    MEMBERS: Final = _MEMBERS
+
+
+def open_environment(
+    directory: Path, map_size: int = DEFAULT_MAP_SIZE, readonly: bool = False, sync: bool = True
+) -> lmdb.Environment:
+    """The LMDB environment of the store in ``directory`` (not a generational root), opened
+    as every writer of the store opens it."""
+    return lmdb.open(
+        str(directory), map_size=map_size, readonly=readonly, sync=sync, max_dbs=_MAX_DBS
+    )
+
+
+def pack_segment_id(sid: int) -> bytes:
+    """A segment id as ``segment_ids`` values and ``segment_names`` keys hold it."""
+    return _SEGMENT_ID.pack(sid)
+
+
+def unpack_segment_id(raw: bytes) -> int:
+    """The segment id of ``pack_segment_id``'s bytes."""
+    sid: int = _SEGMENT_ID.unpack(raw)[0]
+    return sid
+
+
+def value_int(number: int) -> bytes:
+    """How a non-negative integer (expiry, count, segment id) is written in a ``members``
+    value: the pieces a vectorised encoder assembles values from (``bulk_worker``)."""
+    return _VALUE_ENCODER.encode(number)
+
+
+def value_header(items: int) -> bytes:
+    """What starts a ``members`` value of ``items`` integers, before the first of them."""
+    return _VALUE_ENCODER.encode([0] * items)[: -items or None]
+
+
 def encode_memberships(memberships: dict[int, int]) -> bytes:
     """Pack ``{segment_id: expires}`` into a ``members`` value (groups in first-seen order)."""
     groups: dict[int, list[int]] = {}

@@ -98,6 +98,7 @@ def test_store_bench_smoke_profile_writes_results(tmp_path: Path) -> None:
     assert set(report["sizes"]) == {"2000", "20000"}
     for row in report["sizes"].values():
         assert row["build_identities_per_s"] > 0
+        assert row["build_gz_identities_per_s"] > 0
         assert row["bytes_per_membership"] > 0
         assert 0 < row["lookup_p50_us"] <= row["lookup_p99_us"]
         assert row["enrich_rps"] > 0

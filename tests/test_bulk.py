@@ -66,9 +66,16 @@ def _write(path: Path, text: str) -> Path:
 
 
 @pytest.mark.usefixtures("small_pieces")
-def test_bulk_build_merges_lines_as_the_transactional_loader(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "newline",
+    [
+        pytest.param("\r\n", id="crlf"),  # a chunk with a lone CR goes line by line
+        pytest.param("\n", id="lf"),  # parsed by column, the tricky lines declined to the parser
+    ],
+)
+def test_bulk_build_merges_lines_as_the_transactional_loader(tmp_path: Path, newline: str) -> None:
     filler = "".join(snapshot_lines(300, seed=7))  # many chunks and ranges around the rest
-    first = _write(tmp_path / "a.tsv", filler + TRICKY_A)
+    first = _write(tmp_path / "a.tsv", filler + TRICKY_A.replace("\r\n", newline))
     second = tmp_path / "b.tsv.gz"
     second.write_bytes(gzip.compress(TRICKY_B.encode()))
     # The transactional loader: a delta into a store holding one unrelated key.
@@ -107,6 +114,68 @@ def test_bulk_build_reports_bad_lines_of_every_chunk_with_their_numbers(tmp_path
     ]
     assert _items(store) == {b"uid:live": {"kept": 0}}
     assert _leftovers(store) == []
+
+
+#: Lines the columnar parse must not take as they are, each with the loader's complaint.
+BAD_LINES = [
+    pytest.param("uid:a\tx\t\n", "expires '' is not", id="empty-expires"),
+    pytest.param("uid:a\tx,\n", "empty segment name", id="trailing-comma"),
+    pytest.param("uid:a\tx,,y\n", "empty segment name", id="empty-name"),
+    pytest.param("uid:a\t,x\n", "empty segment name", id="leading-comma"),
+    pytest.param("uid:a\t\n", "empty segment name", id="empty-segments"),
+    pytest.param("uid:a\n", "expected 2 or 3", id="one-field"),
+    pytest.param("uid:a\tx\t1\t2\n", "expected 2 or 3", id="four-fields"),
+    pytest.param("\tx\n", "has no namespace", id="empty-key"),
+    pytest.param("uid:\tx\n", "has an empty id", id="empty-id"),
+    pytest.param("uid:a\tx\t12a\n", "is not a unix time", id="letters-in-expires"),
+    pytest.param("uid:a\tx\t+12\n", "is not a unix time", id="signed-expires"),
+    pytest.param("uid:a\tx\t4294967296\n", "is past", id="expires-past-32-bits"),
+    pytest.param("uid:a\tx\t99999999999\n", "is past", id="eleven-digit-expires"),
+    pytest.param(f"uid:{'a' * 510}\tx\n", "longer than 511", id="long-key"),
+    pytest.param("uid:a\tx y \n", "surrounding whitespace", id="space-in-name"),
+    pytest.param("uid:a\tx\x01\n", "control characters", id="control-in-name"),
+    pytest.param("uid:a\t\xff\n", "not valid UTF-8", id="bad-utf8"),
+    pytest.param("uid:a\tx\ry\n", "control characters", id="lone-cr"),
+    pytest.param("\t\n", "has no namespace", id="tab-only"),
+]
+
+
+@pytest.mark.usefixtures("small_pieces")
+@pytest.mark.parametrize(("bad", "why"), BAD_LINES)
+def test_bulk_build_reports_a_bad_line_among_good_ones(tmp_path: Path, bad: str, why: str) -> None:
+    lines = list(snapshot_lines(60, seed=9))
+    lines[40] = bad.replace("\xff", "\udcff")
+    snapshot = tmp_path / "s.tsv"
+    snapshot.write_bytes("".join(lines).encode("utf-8", "surrogateescape"))
+    with pytest.raises(SnapshotError) as info:
+        bulk.build([snapshot], tmp_path / "store", progress=False, workers=2)
+    transactional = tmp_path / "delta"
+    load_snapshots([_write(tmp_path / "seed.tsv", "uid:seed\tseed\n")], transactional, False, False)
+    with pytest.raises(SnapshotError) as loader:
+        load_snapshots([snapshot], transactional, progress=False)
+    assert info.value.problems == loader.value.problems
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith(f"{snapshot}:41: ")
+    assert why in info.value.problems[0]
+    assert not (tmp_path / "store").exists()
+
+
+def test_bulk_build_keeps_segments_in_line_order(tmp_path: Path) -> None:
+    """Values list a line's segments as written (duplicates dropped), the order ``/enrich``
+    serves them in; a key's later line with another expiry adds a group after the first."""
+    text = "".join(snapshot_lines(3000, seed=13)) + "uid:twice\tb,a,b,c\nuid:twice\td\t4000000000\n"
+    snapshot = _write(tmp_path / "s.tsv", text)
+    bulk.build([snapshot], tmp_path / "store", progress=False, workers=2)
+    reader = SegmentStore(tmp_path / "store")
+    try:
+        for line in text.splitlines()[:-2]:
+            parsed = parse_line(line)
+            served = reader.resolve([parsed.key], 0, 500).segments_json
+            assert served == [f'"{name}"'.encode() for name in dict.fromkeys(parsed.add)]
+        served = reader.resolve([b"uid:twice"], 0, 500).segments_json
+        assert served == [b'"b"', b'"a"', b'"c"', b'"d"']
+    finally:
+        reader.close()
 
 
 def test_export_after_bulk_build_is_the_input(tmp_path: Path) -> None:
@@ -189,7 +258,7 @@ def test_disk_full_during_build_leaves_the_live_store_serving(
             message = result.stderr
         else:  # no tmpfs without root: the disk fills at the seam where the build writes
 
-            def full(path: Path, blobs: list[bytes]) -> None:
+            def full(path: Path, batches: object) -> None:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
             monkeypatch.setattr(bulk_worker, "write_spill", full)
@@ -203,3 +272,18 @@ def test_disk_full_during_build_leaves_the_live_store_serving(
         reader = SegmentStore(store)
         assert reader.resolve([b"uid:live"], 0, 10).segments_json == [b'"kept"']
         reader.close()
+
+
+def test_bulk_build_reports_a_corrupt_gzip_file_as_unreadable(tmp_path: Path) -> None:
+    packed = bytearray(gzip.compress("".join(snapshot_lines(2000, seed=4)).encode()))
+    packed[len(packed) // 2 : len(packed) // 2 + 64] = bytes(64)  # deflate data destroyed
+    snapshot = tmp_path / "s.tsv.gz"
+    snapshot.write_bytes(bytes(packed))
+    store = tmp_path / "store"
+    load_snapshots([_write(tmp_path / "live.tsv", "uid:live\tkept\n")], store, progress=False)
+    with pytest.raises(SnapshotError) as info:
+        load_snapshots([snapshot], store, replace=True, progress=False)
+    assert info.value.problems[-1].startswith(f"{snapshot}:")
+    assert "unreadable" in info.value.problems[-1]
+    assert _items(store) == {b"uid:live": {"kept": 0}}
+    assert _leftovers(store) == []
