@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.hostile_bodies import hostile_bodies
 from bench.synth import sample_keys, snapshot_lines
 from enrich_server.config import EXAMPLE_STORE
 from tests.utils import ROOT, run_server
@@ -116,8 +117,6 @@ def test_ingest_bench_smoke_profile_writes_results(tmp_path: Path) -> None:
 
 
 def test_hostile_bench_smoke_profile_writes_results(tmp_path: Path) -> None:
-    from bench.hostile_bodies import hostile_bodies
-
     out = _smoke("bench.hostile", tmp_path, "--cache", str(tmp_path / "cache"))
     report = json.loads((out / "hostile-smoke.json").read_text())
     names = [body.name for body in hostile_bodies(report["max_body"])]
