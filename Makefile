@@ -71,5 +71,9 @@ bench-ingest: $(STAMP) bench-deps ## DMP micro-batches pushed beside /enrich ope
 	$(BIN)/python -m bench.ingest --profile full --durability fsync
 	$(BIN)/python -m bench.ingest --profile full --durability os
 
+.PHONY: bench-hostile
+bench-hostile: $(STAMP) ## hostile bodies in-process and through serve, 100k fuzzed bodies, slowloris, atheris (~5 min)
+	$(BIN)/python -m bench.hostile --profile full
+
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench/.cache

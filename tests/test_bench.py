@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.hostile_bodies import hostile_bodies
 from bench.synth import sample_keys, snapshot_lines
 from enrich_server.config import EXAMPLE_STORE
 from tests.utils import ROOT, run_server
@@ -119,3 +120,20 @@ def test_ingest_bench_smoke_profile_writes_results(tmp_path: Path) -> None:
     assert median["p99_ms_without_ingest"] > 0
     assert median["p99_ms_with_ingest"] > 0
     assert "ingest_beside_mps" in (out / "ingest-smoke-fsync.md").read_text()
+
+
+def test_hostile_bench_smoke_profile_writes_results(tmp_path: Path) -> None:
+    out = _smoke("bench.hostile", tmp_path, "--cache", str(tmp_path / "cache"))
+    report = json.loads((out / "hostile-smoke.json").read_text())
+    names = [body.name for body in hostile_bodies(report["max_body"])]
+    inprocess = report["inprocess"]
+    assert [row["case"] for row in inprocess["cases"]] == names
+    assert [row["case"] for row in report["server_hostile"]["cases"]] == names
+    assert inprocess["slowest"]["case"] in names
+    assert inprocess["largest_memory"]["case"] in names
+    assert inprocess["largest_memory"]["bytes"] > 0
+    fuzz = report["server_fuzz"]
+    assert fuzz["sent"] == fuzz["planned"] == sum(fuzz["status_counts"].values())
+    assert report["atheris"]["inputs"] > 0
+    assert set(report["verdict"]) >= {"app_work_under_2ms", "no_5xx", "no_timeouts"}
+    assert "hostile bodies" in (out / "hostile-smoke.md").read_text()
