@@ -431,10 +431,9 @@ def hostile_bodies(max_body: int) -> list[Body]:
     names = [b.name for b in bodies]
     if len(set(names)) != len(names):
         raise AssertionError("hostile body names repeat")
-    oversized = [b.name for b in bodies if len(b.body) > max_body]
-    if oversized:
-        raise AssertionError(f"bodies over max_body: {oversized}")
-    return bodies
+    # The fixed-count cases (10,000 eids, 100,000 imps) only fit a large max_body; past it
+    # they are answered 413 before any decoding, and the ``*_max`` cases fill max_body.
+    return [b for b in bodies if len(b.body) <= max_body]
 
 
 # --- is it JSON? ----------------------------------------------------------------------------

@@ -61,6 +61,8 @@ def _fibonacci(bits: Bits, at: int) -> tuple[int, int]:
             if value > MAX_SECTION_ID:
                 raise GppError(f"section id past {MAX_SECTION_ID}")
         fib_prev, fib = fib, fib_prev + fib
+        if fib > MAX_SECTION_ID and not bit:  # only a 1 can follow, and it would be too big
+            raise GppError(f"section id past {MAX_SECTION_ID}")
         previous = bit
     raise GppError("Fibonacci integer not terminated")
 

@@ -259,7 +259,8 @@ class Privacy:
             if reason is not None:
                 return reason
         if policy.honour_gpp and regs.gpp:
-            return self._gpp_reason(regs.gpp, tuple(regs.gpp_sid or ()))
+            # Each section decided once, however often gpp_sid repeats it.
+            return self._gpp_reason(regs.gpp, tuple(dict.fromkeys(regs.gpp_sid or ())))
         return None
 
     def _gpp_reason(self, gpp_string: str, applicable: tuple[int, ...]) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from enrich_server import gpp
@@ -107,3 +109,12 @@ def test_gpp_privacy_decision(body: bytes, reason: str | None) -> None:
 def test_gpp_switch_off() -> None:
     body = gpp_body(gpp_string({7: us_section({18: 1})}), [7])
     assert suppression_reason(decode(body), PrivacyPolicy(honour_gpp=False)) is None
+
+
+def test_fibonacci_run_of_zeros_is_refused_without_big_numbers() -> None:
+    # One entry whose Fibonacci code never ends: 360,000 zero bits. Each zero used to grow a
+    # big integer (2.5 s for a 64 KiB header); past the largest section id it is refused.
+    started = time.perf_counter()
+    with pytest.raises(gpp.GppError, match="past"):
+        gpp.section_ids("DBAB" + "A" * 60_000)
+    assert time.perf_counter() - started < 0.5
