@@ -146,15 +146,21 @@ def _allocated(make: Callable[[], EnrichEndpoint], body: bytes, budget: float) -
     gc.collect()
     tracemalloc.start()
     try:
-        with _budget(budget):
-            _call(endpoint, body)
-        complete = True
-    except OverBudget:
-        complete = False
+        complete = _completes(endpoint, body, budget)
     finally:
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     return peak, complete
+
+
+def _completes(endpoint: EnrichEndpoint, body: bytes, budget: float) -> bool:
+    """Whether one call on ``body`` finished within ``budget`` seconds."""
+    try:
+        with _budget(budget):
+            _call(endpoint, body)
+    except OverBudget:
+        return False
+    return True
 
 
 def _endpoint(store: SegmentStore) -> EnrichEndpoint:
@@ -176,12 +182,7 @@ def _rss_child(store_path: str, body: bytes, budget: float, out: Connection) -> 
     cap_memory()
     endpoint = _endpoint(SegmentStore(Path(store_path)))
     before = _high_water_mark()
-    try:
-        with _budget(budget):
-            _call(endpoint, body)
-        complete = True
-    except OverBudget:
-        complete = False
+    complete = _completes(endpoint, body, budget)
     out.send((_high_water_mark() - before, complete))
 
 

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import msgspec
 
-from tests.gpp_strings import gpp_string, header, us_section
+from tests.gpp_strings import base64url, fibonacci_code, gpp_string, header, us_section
 from tests.tcf_strings import CONSENTED
 
 #: Data (heap) cap for a process that runs these bodies (and its children): some make
@@ -215,29 +215,9 @@ def _numbers(max_body: int) -> Iterator[Body]:
 # --- GPP headers with the largest Fibonacci ranges -----------------------------------------
 
 
-def fibonacci_code(value: int) -> str:
-    """``value`` (>= 1) Fibonacci-coded as GPP writes it: Zeckendorf bits, lowest weight
-    (1, 2, 3, 5, ...) first, then the terminating 1."""
-    fibs = [1, 2]
-    while fibs[-1] <= value:
-        fibs.append(fibs[-1] + fibs[-2])
-    bits = ["0"] * len(fibs)
-    for i in range(len(fibs) - 1, -1, -1):
-        if fibs[i] <= value:
-            bits[i] = "1"
-            value -= fibs[i]
-    return "".join(bits).rstrip("0") + "1"
-
-
-def _base64url(bits: str) -> str:
-    bits += "0" * (-len(bits) % 6)
-    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-    return "".join(alphabet[int(bits[i : i + 6], 2)] for i in range(0, len(bits), 6))
-
-
 def range_header(entries: list[str]) -> str:
     """A GPP header (type 3, version 1) of already coded entries."""
-    return _base64url(f"{3:06b}{1:06b}{len(entries):012b}" + "".join(entries))
+    return base64url(f"{3:06b}{1:06b}{len(entries):012b}" + "".join(entries))
 
 
 def range_entry(start_delta: int, span: int) -> str:
@@ -258,7 +238,7 @@ def _gpp(max_body: int) -> Iterator[Body]:
     # one Fibonacci integer as long as the body allows: zeros, then the terminating 11
     yield Body(
         "gpp_fibonacci_max",
-        _fit(lambda n: body(_base64url(f"{3:06b}{1:06b}{1:012b}1" + "11" + "0" * 6 * n + "11")
+        _fit(lambda n: body(base64url(f"{3:06b}{1:06b}{1:012b}1" + "11" + "0" * 6 * n + "11")
                             + "~x"), max_body),
     )  # fmt: skip
     yield Body(

@@ -10,13 +10,16 @@ import json
 REAL_USNAT = "DBABLA~BVQqAAAAAAJY.QA"
 
 
-def _b64(bits: str) -> str:
+def base64url(bits: str) -> str:
+    """A bit string as base64url text, zero-padded to whole characters (as IAB strings are)."""
     bits += "0" * (-len(bits) % 6)
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
     return "".join(alphabet[int(bits[i : i + 6], 2)] for i in range(0, len(bits), 6))
 
 
-def _fibonacci(value: int) -> str:
+def fibonacci_code(value: int) -> str:
+    """``value`` (>= 1) Fibonacci-coded as GPP writes it: Zeckendorf bits, lowest weight
+    (1, 2, 3, 5, ...) first, then the terminating 1."""
     fibs = [1, 2]
     while fibs[-1] <= value:
         fibs.append(fibs[-1] + fibs[-2])
@@ -33,14 +36,14 @@ def header(ids: list[int]) -> str:
     bits = f"{3:06b}{1:06b}{len(ids):012b}"
     last = 0
     for section in ids:
-        bits += "0" + _fibonacci(section - last)
+        bits += "0" + fibonacci_code(section - last)
         last = section
-    return _b64(bits)
+    return base64url(bits)
 
 
 def header_with_range(start: int, span: int) -> str:
     """A GPP header with one range entry: ids ``start`` to ``start + span``."""
-    return _b64(f"{3:06b}{1:06b}{1:012b}1" + _fibonacci(start) + _fibonacci(span))
+    return base64url(f"{3:06b}{1:06b}{1:012b}1" + fibonacci_code(start) + fibonacci_code(span))
 
 
 def gpp_body(gpp_value: str, sid: list[int] | None = None) -> bytes:
@@ -58,7 +61,7 @@ def us_section(opt_outs: dict[int, int], width: int = 72) -> str:
     bits[5] = "1"  # version 1
     for offset, value in opt_outs.items():
         bits[offset : offset + 2] = list(f"{value:02b}")
-    return _b64("".join(bits))
+    return base64url("".join(bits))
 
 
 def gpp_string(sections: dict[int, str]) -> str:
