@@ -410,6 +410,7 @@ def verdict(report: dict[str, Any]) -> dict[str, bool | None]:
         "extra_memory_under_20mb": not report["inprocess"]["over_memory_target"],
         "no_5xx": all(part["5xx"] == 0 for part in server),
         "no_timeouts": all(part["timeouts"] == 0 for part in server),
+        "fuzzed_json_answered_200": report["server_fuzz"]["json_not_200"] == 0,
         "slow_connections_closed_in_time": closed_ok,
         "normal_p99_under_1ms": p99_ok,
         "atheris_no_failures": not report["atheris"].get("failures") and (

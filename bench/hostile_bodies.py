@@ -19,6 +19,7 @@ from typing import Any, Final
 
 import msgspec
 
+from enrich_server import openrtb
 from tests.gpp_strings import base64url, fibonacci_code, gpp_string, header, us_section
 from tests.tcf_strings import CONSENTED
 
@@ -502,11 +503,12 @@ def answer_failure(body: bytes, error: BaseException | None) -> str | None:
     """Why the outcome of ``EnrichEndpoint.answer(body)`` breaks the contract, else ``None``.
 
     Allowed: an answer; ``msgspec.DecodeError`` (not its ``ValidationError``) for a body that is
-    not JSON; ``RecursionError`` for a body nested deeper than the decoder follows (documented
-    by ``openrtb.decode``, answered 200 by the endpoint). Anything else is a failure, named by
-    the exception's type (and message, without its JSON path).
+    not JSON; ``openrtb.TooManySurrogateEscapes`` (a documented limit); ``RecursionError`` for
+    a body nested deeper than the decoder follows (documented by ``openrtb.decode``, answered
+    200 by the endpoint). Anything else is a failure, named by the exception's type (and
+    message, without its JSON path).
     """
-    if error is None:
+    if error is None or isinstance(error, openrtb.TooManySurrogateEscapes):
         return None
     if type(error) is msgspec.DecodeError:
         return None if not is_json(body) else f"DecodeError on JSON: {_plain(error)}"

@@ -13,8 +13,9 @@ the person.
 | ``regs.gpp``: an applicable US section (7-27) fails a rule of ``US_RULES`` | none
   (``gpp_`` + the field, e.g. ``gpp_sale_opt_out``) |
 | ``regs.gpp``: its TCF EU or US Privacy section | as the TCF / US Privacy rows |
-| ``regs.gpp`` unreadable, an applicable section we cannot read or do not know, or one
-  ``regs.gpp_sid`` lists that the string lacks | none (``gpp_unreadable``) |
+| ``regs.gpp`` unreadable, an applicable section we cannot read or do not know, one
+  ``regs.gpp_sid`` lists that the string lacks, or a ``gpp_sid`` of more than
+  ``gpp.MAX_SECTIONS`` entries | none (``gpp_unreadable``) |
 | ``device.lmt == 1`` or an all-zero ifa | the ``ifa:`` key alone is skipped (see ``keys``) |
 
 GPP sections apply when listed in ``regs.gpp_sid`` (all sections of the string when it is
@@ -259,8 +260,11 @@ class Privacy:
             if reason is not None:
                 return reason
         if policy.honour_gpp and regs.gpp:
+            applicable = regs.gpp_sid or ()
+            if len(applicable) > gpp.MAX_SECTIONS:
+                return GPP_UNREADABLE
             # Each section decided once, however often gpp_sid repeats it.
-            return self._gpp_reason(regs.gpp, tuple(dict.fromkeys(regs.gpp_sid or ())))
+            return self._gpp_reason(regs.gpp, tuple(dict.fromkeys(applicable)))
         return None
 
     def _gpp_reason(self, gpp_string: str, applicable: tuple[int, ...]) -> str | None:

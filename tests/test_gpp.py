@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from enrich_server import gpp
+from enrich_server import gpp, openrtb
 from enrich_server.openrtb import decode
 from enrich_server.privacy import (
     GDPR_DENIED,
@@ -118,3 +118,29 @@ def test_fibonacci_run_of_zeros_is_refused_without_big_numbers() -> None:
     with pytest.raises(gpp.GppError, match="past"):
         gpp.section_ids("DBAB" + "A" * 60_000)
     assert time.perf_counter() - started < 0.5
+
+
+def test_more_sections_than_the_limit_are_unreadable_and_cost_little() -> None:
+    most = {i: us_section({}) for i in range(1, gpp.MAX_SECTIONS + 1)}
+    assert len(gpp.parse(gpp_string(most))) == gpp.MAX_SECTIONS
+    too_many = {i: us_section({}) for i in range(1, 4096)}
+    started = time.perf_counter()
+    with pytest.raises(gpp.GppError, match=f"more than {gpp.MAX_SECTIONS} sections"):
+        gpp.parse(gpp_string(too_many))
+    assert time.perf_counter() - started < 0.05  # reading 4,095 header codes took 11 ms
+    # A header counting more entries than the string's sections is refused before reading.
+    with pytest.raises(gpp.GppError, match="more than 1 sections"):
+        gpp.section_ids(header(list(range(1, 40))), most=1)
+
+
+def test_gpp_sid_longer_than_the_limit_withholds_user_data() -> None:
+    string = gpp_string({7: us_section({})})
+    at_limit = gpp_body(string, [7] * gpp.MAX_SECTIONS)
+    assert suppression_reason(decode(at_limit), PrivacyPolicy()) is None
+    past = gpp_body(string, [7] * (gpp.MAX_SECTIONS + 1))
+    assert suppression_reason(decode(past), PrivacyPolicy()) == GPP_UNREADABLE
+    # The lenient path reads lists up to its own limit, which must exceed this one, so a
+    # long gpp_sid with a bad item cannot shrink to an acceptable length.
+    assert openrtb.MAX_LENIENT_ITEMS > gpp.MAX_SECTIONS
+    lenient = decode(gpp_body(string, [7] * 100).replace(b"[7,", b'["x",7,', 1))
+    assert suppression_reason(lenient, PrivacyPolicy()) == GPP_UNREADABLE

@@ -222,6 +222,28 @@ def test_decode_lone_surrogates_read_as_replacement_character(escaped: str, expe
     assert request.site.domain == "d"
 
 
+def test_lone_surrogate_after_a_wrong_type_is_repaired_too() -> None:
+    # The typed decoder stops at the wrong-typed imp and the lenient path meets the surrogate
+    # (found by atheris: it was a DecodeError on valid JSON).
+    request = decode(b'{"imp":"x","user":{"id":"U1\\ud800"}}')
+    assert request.user is not None
+    assert request.user.id == "U1\ufffd"
+
+
+def test_lone_surrogate_repair_is_bounded_and_says_why() -> None:
+    half = openrtb.MAX_SURROGATE_ESCAPES // 2
+    pair, lone = b"\\ud83d\\ude00", b"\\ud800"
+    at_limit = decode(b'{"user":{"id":"' + pair * (half - 1) + lone * 2 + b'"}}')
+    assert at_limit.user is not None
+    assert at_limit.user.id == "\U0001f600" * (half - 1) + "\ufffd" * 2
+    with pytest.raises(openrtb.TooManySurrogateEscapes, match="too many to repair"):
+        decode(b'{"user":{"id":"' + pair * half + lone + b'"}}')
+    # Pairs alone, however many, never need the repair.
+    many = decode(b'{"user":{"id":"' + pair * half * 20 + b'"}}')
+    assert many.user is not None
+    assert many.user.id == "\U0001f600" * half * 20
+
+
 def test_decode_malformed_escape_is_still_not_json() -> None:
     with pytest.raises(msgspec.DecodeError):
         decode(b'{"user":{"id":"\\ud800\\x"}}')
