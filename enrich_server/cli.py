@@ -34,6 +34,7 @@ from enrich_server.config import (
     options,
     to_json,
 )
+from enrich_server.consent_explain import explain as explain_consent
 from enrich_server.dropfiles import (
     DEFAULT_SETTLE_SECONDS,
     DropFileError,
@@ -42,7 +43,6 @@ from enrich_server.dropfiles import (
     process_directory,
 )
 from enrich_server.errors import ConfigError, EnrichError, SnapshotError
-from enrich_server.explain import explain
 from enrich_server.generations import remove_dead_builds
 from enrich_server.keys import NAMESPACES, parse_key
 from enrich_server.log import redacted, setup_logging
@@ -474,7 +474,7 @@ def _consent(args: argparse.Namespace) -> int:
         gdpr_purposes=config.privacy.gdpr_purposes,
         us_rules=config.privacy.us_rules,
     )
-    lines, reason = explain(args.string, policy, args.gpp_sid)
+    lines, reason = explain_consent(args.string, policy, args.gpp_sid)
     print("\n".join(lines))
     return 0 if reason is None else EXIT_FAILED
 
