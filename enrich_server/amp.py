@@ -23,7 +23,7 @@ read; a value that does not convert (``gdpr=x``) is ignored like a wrong type in
 from __future__ import annotations
 
 from typing import Final
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from enrich_server.config import RtcConfig
 from enrich_server.enrich import Answer, EnrichEndpoint
@@ -38,8 +38,10 @@ _EMPTY_TARGETING: Final = b'{"targeting":{}}'
 def request_from_query(query: bytes) -> BidRequest:
     """The ``BidRequest`` an RTC call's query string stands for."""
     values: dict[str, str] = {}
-    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=False)[:MAX_PARAMETERS]:
-        values.setdefault(name, value)
+    for pair in query.split(b"&", MAX_PARAMETERS)[:MAX_PARAMETERS]:  # the rest never split
+        name, _, value = pair.partition(b"=")
+        if value:
+            values.setdefault(_text(name), _text(value))
     get = values.get
     uid, consent = get("uid"), get("consent")
     user = User(id=uid, consent=consent) if uid or consent else None
@@ -65,6 +67,11 @@ class Targeting:
         if not segments_json:
             return _EMPTY_TARGETING
         return self._head + b",".join(segments_json) + b"]}}"
+
+
+def _text(raw: bytes) -> str:
+    """A query-string name or value, percent-decoded as UTF-8 (bad bytes replaced)."""
+    return unquote_plus(raw.decode("latin-1"), errors="replace")
 
 
 def _int(value: str | None) -> int | None:

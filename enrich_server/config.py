@@ -487,10 +487,22 @@ def load_config(
         values[section][key] = _convert(flag, fields[section][key], value)
     platforms = tuple(PlatformConfig(**entry) for entry in platform_values)
     _check_platforms(platforms)
-    return Config(
+    config = Config(
         **{attr: cls(**values[name]) for name, (attr, cls) in _SECTIONS.items()},
         platforms=platforms,
     )
+    _check_paths(config)
+    return config
+
+
+def _check_paths(config: Config) -> None:
+    """The endpoint's callers each need their own path."""
+    paths = {"enrich.path": config.enrich.path, "ortb.path": config.ortb.path,
+             "rtc.path": config.rtc.path}  # fmt: skip
+    for key, value in paths.items():
+        same = [other for other, path in paths.items() if path == value and other != key]
+        if same:
+            raise ConfigError(f"{key} and {same[0]} are the same path {value!r}")
 
 
 def _check_platforms(platforms: tuple[PlatformConfig, ...]) -> None:
