@@ -32,7 +32,7 @@ from enrich_server.openrtb import BidRequest, Device, Regs, Site, User
 #: Parameters read from one query string; the rest are ignored (an RTC URL has a handful).
 MAX_PARAMETERS: Final = 32
 
-_EMPTY_TARGETING: Final = b'{"targeting":{}}'
+EMPTY_TARGETING: Final = b'{"targeting":{}}'
 
 
 def request_from_query(query: bytes) -> BidRequest:
@@ -65,7 +65,7 @@ class Targeting:
     def body(self, segments_json: list[bytes]) -> bytes:
         """The whole answer for ``segments_json`` (``b'"name"'`` each)."""
         if not segments_json:
-            return _EMPTY_TARGETING
+            return EMPTY_TARGETING
         return self._head + b",".join(segments_json) + b"]}}"
 
 

@@ -25,17 +25,17 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from enrich_server import config as config_module
-from enrich_server.amp import rtc_answer
+from enrich_server.amp import EMPTY_TARGETING, rtc_answer
 from enrich_server.auth import ClientCredentials, EndpointAuth
 from enrich_server.config import Config
 from enrich_server.dmp_api import DmpApi
-from enrich_server.enrich import EndpointRoute, EnrichEndpoint
+from enrich_server.enrich import EMPTY_BODY, EndpointRoute, EnrichEndpoint
 from enrich_server.explain import ExplainRoute
 from enrich_server.generations import StoreFollower
 from enrich_server.guard import LoadGuard
 from enrich_server.log import setup_logging
 from enrich_server.metrics import Metrics, Tally
-from enrich_server.prebid import ortb_answer
+from enrich_server.prebid import EMPTY_ORTB, ortb_answer
 from enrich_server.privacy import Privacy, PrivacyPolicy
 from enrich_server.protocol import (
     CONNECTIONS_STATE_KEY,
@@ -71,16 +71,20 @@ class EnrichServer:
         self._enrich_path = config.enrich.path
         self._explain = ExplainRoute(enrich, config.auth.explain_tokens)
         ortb, rtc = ortb_answer(enrich, config.ortb), rtc_answer(enrich, config.rtc)
-        self._routes: dict[str, EndpointRoute] = {
-            config.enrich.path: EndpointRoute(enrich, "POST", enrich.answer),
-            config.ortb.path: EndpointRoute(enrich, "POST", ortb),
-            config.rtc.path: EndpointRoute(enrich, "GET", rtc),
-        }
-        self.lanes = (
-            FastLane(config.enrich.path, "POST", enrich, enrich.answer, slow_query=EXPLAIN_QUERY),
-            FastLane(config.ortb.path, "POST", enrich, ortb),
-            FastLane(config.rtc.path, "GET", enrich, rtc),
+        callers = (
+            (config.enrich.path, "POST", enrich.answer, EMPTY_BODY),
+            (config.ortb.path, "POST", ortb, EMPTY_ORTB),
+            (config.rtc.path, "GET", rtc, EMPTY_TARGETING),
         )
+        self._routes: dict[str, EndpointRoute] = {
+            path: EndpointRoute(enrich, method, answer, empty)
+            for path, method, answer, empty in callers
+        }
+        self.lanes = tuple(
+            FastLane(path, method, enrich, answer, empty,
+                     slow_query=EXPLAIN_QUERY if path == config.enrich.path else None)
+            for path, method, answer, empty in callers
+        )  # fmt: skip
         self._rest = rest
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -161,10 +161,11 @@ class EnrichEndpoint:
         self.tally.request(413, _clock() - start)
         return 413, NO_CACHE, self._too_large, None
 
-    def respond(self, body: bytes, start: float, answer: Answer) -> Reply:
+    def respond(self, body: bytes, start: float, answer: Answer, empty: bytes) -> Reply:
         """The answer to a call carrying ``body`` (read whole; a GET caller's query string),
         ``start`` when the call began: shed by the guard, too large, not readable, or what
-        ``answer`` makes of it. Never raises; counts the answer.
+        ``answer`` makes of it. ``empty`` is the caller's answer without segments (a shed
+        call's, or one a bug cut short). Never raises; counts the answer.
 
         Both lanes call this: the HTTP protocol's fast lane and the ASGI ``EndpointRoute``.
         """
@@ -172,7 +173,7 @@ class EnrichEndpoint:
         if self.guard.should_shed():
             tally.shed += 1
             tally.request(200, _clock() - start)
-            return 200, NO_CACHE, EMPTY_BODY, None
+            return 200, NO_CACHE, empty, None
         if len(body) > self.max_body:
             return self.too_large(start)
         status = 200
@@ -183,11 +184,11 @@ class EnrichEndpoint:
             out = _ERROR_ENCODER.encode({"error": f"body is not JSON: {exc}"})
         except RecursionError:
             # JSON nested deeper than the decoder follows: well-formed, but nothing usable.
-            cache, out = NO_CACHE, EMPTY_BODY
+            cache, out = NO_CACHE, empty
         except Exception:
             # A bug must not trip Index's breaker: answer "nothing known" and say so loudly.
             log.exception("enrich failed; answered empty")
-            cache, out = NO_CACHE, EMPTY_BODY
+            cache, out = NO_CACHE, empty
         tally.request(status, _clock() - start)
         return status, cache, out, None
 
@@ -196,10 +197,11 @@ class EndpointRoute:
     """One of the endpoint's paths as an ASGI app (in-process tests, embedding, and calls the
     fast lane passes on): ``POST`` callers send a body, ``GET`` callers a query string."""
 
-    def __init__(self, endpoint: EnrichEndpoint, method: str, answer: Answer) -> None:
+    def __init__(self, endpoint: EnrichEndpoint, method: str, answer: Answer, empty: bytes) -> None:
         self.endpoint = endpoint
         self.method = method
         self.answer = answer
+        self.empty = empty
         self._wrong_method: Reply = (
             405, NO_CACHE, _ERROR_ENCODER.encode({"error": f"use {method}"}),
             ((b"allow", method.encode()),),
@@ -225,7 +227,7 @@ class EndpointRoute:
             if data is None:
                 await _send(send, endpoint.too_large(start))
                 return
-        reply = endpoint.respond(data or b"", start, self.answer)
+        reply = endpoint.respond(data or b"", start, self.answer, self.empty)
         if reply[2] is EMPTY_BODY:
             await send(endpoint.empty_start)
             await send(endpoint.empty_body)

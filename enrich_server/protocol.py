@@ -74,6 +74,8 @@ class FastLane:
         method: str,
         endpoint: EnrichEndpoint,
         answer: Answer,
+        empty: bytes,
+        *,
         slow_query: bytes | None = None,
     ) -> None:
         self.path = path.encode()
@@ -82,6 +84,7 @@ class FastLane:
         self.from_query = method == "GET"
         self.endpoint = endpoint
         self.answer = answer
+        self.empty = empty  # the answer without segments, in the caller's shape
         self._slow_query = slow_query  # a query parameter that sends the call to ASGI
         self._defaults: list[tuple[bytes, bytes]] | None = None
         self._default_lines = b""
@@ -309,7 +312,9 @@ class EnrichHttpProtocol(HttpToolsProtocol):
                 data = lane.query(self.url)
             else:
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            self._answer_fast(lane.endpoint.respond(data, self._fast_start, lane.answer))
+            self._answer_fast(
+                lane.endpoint.respond(data, self._fast_start, lane.answer, lane.empty)
+            )
             return
         super().on_message_complete()
         self._reading = False

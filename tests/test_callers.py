@@ -3,6 +3,7 @@ in-process through the ASGI routes, both giving the same answers."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -20,8 +21,9 @@ from enrich_server.app import create_app
 from enrich_server.cli import main
 from enrich_server.config import load_config
 from enrich_server.errors import ConfigError
+from enrich_server.guard import LoadGuard
 from enrich_server.holdout import Holdout
-from enrich_server.store import StoreWriter
+from enrich_server.store import SegmentStore, StoreWriter
 from tests.conftest import StoreFactory
 from tests.utils import RunningServer, run_server
 
@@ -293,3 +295,31 @@ def test_endpoint_paths_and_segtax_are_checked(tmp_path: Path) -> None:
     clash.write_text('[rtc]\npath = "/enrich"\n')
     with pytest.raises(ConfigError, match="same path"):
         load_config(clash)
+
+
+def test_a_shed_call_is_answered_empty_in_its_callers_shape(store: Path, tmp_path: Path) -> None:
+    config_file = tmp_path / "shed.toml"
+    config_file.write_text(CONFIG)
+    server = create_app(load_config(config_file))
+    endpoint = server.enrich
+    endpoint.store = SegmentStore(store)
+    loop = asyncio.new_event_loop()
+    guard = LoadGuard(0.001)
+    guard.start(loop)  # the loop never runs: no tick resets the lag set here
+    guard.lag = 1.0
+    endpoint.guard = guard
+    try:
+        body = _body(user={"id": "ours-1"})
+        shapes = {}
+        for lane in server.lanes:
+            status, cache, out, _ = endpoint.respond(body, 0.0, lane.answer, lane.empty)
+            assert (status, cache, out) == (200, b"no-cache", lane.empty)
+            shapes[lane.path] = json.loads(out)
+    finally:
+        guard.stop()
+        loop.close()
+        endpoint.store.close()
+    assert shapes == {b"/enrich": {"segment_ids": []}, b"/ortb": {"user": {"data": []}},
+                      b"/rtc": {"targeting": {}}}  # fmt: skip
+    jsonschema.validate(shapes[b"/ortb"], ORTB_SCHEMA)
+    assert endpoint.tally.shed == 3
