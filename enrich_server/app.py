@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from enrich_server import config as config_module
 from enrich_server.auth import ClientCredentials, EndpointAuth
+from enrich_server.capture import Capture
 from enrich_server.config import Config
 from enrich_server.dmp_api import DmpApi
 from enrich_server.enrich import EnrichEndpoint
@@ -86,7 +87,14 @@ def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer
             us_rules=config.privacy.us_rules,
         )
     )
-    endpoint = EnrichEndpoint(config.enrich, privacy, guard, tally, auth)
+    endpoint = EnrichEndpoint(
+        config.enrich,
+        privacy,
+        guard,
+        tally,
+        auth,
+        capture=Capture(config.capture, privacy) if config.capture.path else None,
+    )
     store_path = Path(config.server.store)
     dmp = DmpApi(config, lambda: endpoint.store, metrics, ingest_socket)
 

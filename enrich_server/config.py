@@ -209,6 +209,30 @@ class AuthConfig:
     )
 
 
+def _sample_share(value: float) -> str | None:
+    return None if 0.0 <= value <= 1.0 else "must be between 0 and 1"
+
+
+#: The shortest ``[enrich.capture] key``: a short key could be found by trying keys on the
+#: hashed ids of a capture file.
+MIN_CAPTURE_KEY_CHARS: Final = 16
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureConfig:
+    """``[enrich.capture]``: a sample of requests, ids hashed, written for ``replay``."""
+
+    path: str = _opt("", "directory of the capture files (capture-<pid>-<n>.jsonl); empty = off")
+    sample: float = _opt(0.001, "share of requests captured (0-1)", _sample_share)
+    key: str = _opt(
+        "", f"HMAC key of the hashed ids (at least {MIN_CAPTURE_KEY_CHARS} characters);"
+        " required with path, and by replay",
+    )  # fmt: skip
+    max_bytes: int = _opt(67108864, "size at which a capture file is closed for the next",
+                          _positive)  # fmt: skip
+    keep: int = _opt(8, "capture files kept per worker; older ones are removed", _positive)
+
+
 @dataclass(frozen=True, slots=True)
 class PrivacyConfig:
     """``[privacy]``: which signals withhold user-level segments (contextual ones stay)."""
@@ -283,6 +307,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     enrich: EnrichConfig = field(default_factory=EnrichConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     dmp: DmpConfig = field(default_factory=DmpConfig)
     platforms: tuple[PlatformConfig, ...] = ()
@@ -300,6 +325,7 @@ _SECTIONS: Final[dict[str, tuple[str, type[Any]]]] = {
     "server": ("server", ServerConfig),
     "enrich": ("enrich", EnrichConfig),
     "enrich.auth": ("auth", AuthConfig),
+    "enrich.capture": ("capture", CaptureConfig),
     "privacy": ("privacy", PrivacyConfig),
     "dmp": ("dmp", DmpConfig),
 }
@@ -436,10 +462,22 @@ def load_config(
         values[section][key] = _convert(flag, fields[section][key], value)
     platforms = tuple(PlatformConfig(**entry) for entry in platform_values)
     _check_platforms(platforms)
-    return Config(
+    config = Config(
         **{attr: cls(**values[name]) for name, (attr, cls) in _SECTIONS.items()},
         platforms=platforms,
     )
+    _check_capture(config.capture)
+    return config
+
+
+def _check_capture(capture: CaptureConfig) -> None:
+    if capture.path and not capture.key:
+        raise ConfigError(
+            "[enrich.capture] path is set but key is not: the capture hashes user ids with it"
+            " (set key, or ENRICH_ENRICH_CAPTURE_KEY)"
+        )
+    if capture.key and len(capture.key) < MIN_CAPTURE_KEY_CHARS:
+        raise ConfigError(f"[enrich.capture] key: shorter than {MIN_CAPTURE_KEY_CHARS} characters")
 
 
 def _check_platforms(platforms: tuple[PlatformConfig, ...]) -> None:

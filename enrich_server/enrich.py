@@ -10,6 +10,7 @@ nothing a client sends can produce a 5xx (Index's circuit breaker trips on eithe
 from __future__ import annotations
 
 import logging
+import random
 import time
 from typing import Any, Final
 
@@ -17,6 +18,7 @@ import msgspec
 from starlette.types import Message, Receive, Scope, Send
 
 from enrich_server.auth import CallScope, EndpointAuth
+from enrich_server.capture import Capture
 from enrich_server.config import EnrichConfig
 from enrich_server.guard import LoadGuard
 from enrich_server.keys import request_keys
@@ -48,6 +50,7 @@ Reply = tuple[int, bytes, bytes, tuple[tuple[bytes, bytes], ...] | None]
 
 log = logging.getLogger(__name__)
 _clock: Final = time.perf_counter
+_random: Final = random.random
 
 
 class EnrichEndpoint:
@@ -60,6 +63,8 @@ class EnrichEndpoint:
         guard: LoadGuard,
         tally: Tally,
         auth: EndpointAuth | None = None,
+        *,
+        capture: Capture | None = None,
     ) -> None:
         self.store: SegmentStore | None = None
         self.guard = guard
@@ -69,6 +74,7 @@ class EnrichEndpoint:
         self.has_auth = self._auth is not None
         self._bearer_challenge = auth is not None and auth.signer is not None
         self._privacy = privacy
+        self.capture = capture
         self.max_body = config.max_body
         self._max_age = config.max_age
         self._full_cache = b"max-age=%d" % config.max_age
@@ -167,6 +173,9 @@ class EnrichEndpoint:
             # A bug must not trip Index's breaker: answer "nothing known" and say so loudly.
             log.exception("enrich failed; answered empty")
             cache, out = NO_CACHE, EMPTY_BODY
+        capture = self.capture
+        if capture is not None and _random() < capture.sample:
+            capture.record(body, status, out)
         tally.request(status, _clock() - start)
         return status, cache, out, None
 
