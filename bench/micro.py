@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             # the call checks an endpoint with a header token and an IP allow-list does,
             # and the privacy decision (consent strings decided once each, then cached)
             "auth": functools.partial(auth.check, AUTH_SCOPE),
-            "privacy": functools.partial(endpoint._privacy.suppression_reason, request),
+            "privacy": functools.partial(endpoint.privacy.suppression_reason, request),
         }
         result: dict[str, object] = {
             "bench": "micro",

@@ -15,6 +15,7 @@ import os
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Final
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -24,15 +25,18 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from enrich_server import config as config_module
+from enrich_server.amp import EMPTY_TARGETING, rtc_answer
 from enrich_server.auth import ClientCredentials, EndpointAuth
 from enrich_server.capture import Capture
 from enrich_server.config import Config
 from enrich_server.dmp_api import DmpApi
-from enrich_server.enrich import EnrichEndpoint
+from enrich_server.enrich import EMPTY_BODY, EndpointRoute, EnrichEndpoint
+from enrich_server.explain import ExplainRoute
 from enrich_server.generations import StoreFollower
 from enrich_server.guard import LoadGuard
 from enrich_server.log import setup_logging
 from enrich_server.metrics import Metrics, Tally
+from enrich_server.prebid import EMPTY_ORTB, ortb_answer
 from enrich_server.privacy import Privacy, PrivacyPolicy
 from enrich_server.protocol import (
     CONNECTIONS_STATE_KEY,
@@ -44,6 +48,8 @@ from enrich_server.protocol import (
 
 log = logging.getLogger(__name__)
 
+#: The query parameter that turns an enrichment call into an explain call.
+EXPLAIN_QUERY: Final = b"explain="
 #: How stale a scrape served by another worker may be (this worker's own is exact).
 METRICS_FLUSH_SECONDS = 1.0
 #: Where ``serve`` hands the resolved configuration to worker processes.
@@ -53,18 +59,72 @@ INGEST_SOCKET_VARIABLE = "_ENRICH_INGEST_SOCKET"
 
 
 class EnrichServer:
-    """Routes the hot path around the Starlette stack; everything else goes through it."""
+    """Routes the endpoint's paths around the Starlette stack; everything else goes through
+    it. ``lanes`` are the same paths as the HTTP protocol's fast lane answers them."""
 
-    def __init__(self, path: str, enrich: EnrichEndpoint, rest: ASGIApp) -> None:
-        self._path = path
+    def __init__(
+        self,
+        config: Config,
+        enrich: EnrichEndpoint,
+        rest: ASGIApp,
+    ) -> None:
         self.enrich = enrich
+        self._enrich_path = config.enrich.path
+        self._explain = ExplainRoute(enrich, config.auth.explain_tokens)
+        ortb, rtc = ortb_answer(enrich, config.ortb), rtc_answer(enrich, config.rtc)
+        callers = (
+            (config.enrich.path, "POST", enrich.answer, EMPTY_BODY),
+            (config.ortb.path, "POST", ortb, EMPTY_ORTB),
+            (config.rtc.path, "GET", rtc, EMPTY_TARGETING),
+        )
+        self._routes: dict[str, EndpointRoute] = {
+            path: EndpointRoute(enrich, method, answer, empty)
+            for path, method, answer, empty in callers
+        }
+        self.lanes = tuple(
+            FastLane(path, method, enrich, answer, empty,
+                     slow_query=EXPLAIN_QUERY if path == config.enrich.path else None)
+            for path, method, answer, empty in callers
+        )  # fmt: skip
         self._rest = rest
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == self._path:
-            await self.enrich(scope, receive, send)
-        else:
+        route = self._routes.get(scope["path"]) if scope["type"] == "http" else None
+        if route is None:
             await self._rest(scope, receive, send)
+        elif scope["path"] == self._enrich_path and EXPLAIN_QUERY in scope["query_string"]:
+            await self._explain(scope, receive, send)
+        else:
+            await route(scope, receive, send)
+
+
+def privacy_policy(config: Config) -> PrivacyPolicy:
+    """The privacy policy ``[privacy]`` describes."""
+    return PrivacyPolicy(
+        honour_coppa=config.privacy.coppa,
+        honour_us_privacy=config.privacy.us_privacy,
+        require_gdpr_consent=config.privacy.gdpr,
+        honour_gpp=config.privacy.gpp,
+        gdpr_vendor_id=config.privacy.gdpr_vendor_id,
+        gdpr_purposes=config.privacy.gdpr_purposes,
+        us_rules=config.privacy.us_rules,
+    )
+
+
+def enrich_endpoint(config: Config, auth: EndpointAuth | None = None) -> EnrichEndpoint:
+    """The enrichment endpoint ``config`` describes (its store attached later, per worker)."""
+    endpoint = EnrichEndpoint(
+        config.enrich,
+        Privacy(privacy_policy(config)),
+        LoadGuard(config.enrich.guard_lag_ms / 1000),
+        Tally(),
+        auth,
+    )
+    if config.capture.path:
+        holdout = endpoint.holdout
+        held_out = holdout.held_out if holdout is not None else None
+        endpoint.capture = Capture(config.capture, endpoint.privacy, held_out)
+    return endpoint
 
 
 def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer:
@@ -72,29 +132,10 @@ def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer
 
     ``ingest_socket``: where the ingestion process listens (DMP writes answer 503 without).
     """
-    guard = LoadGuard(config.enrich.guard_lag_ms / 1000)
-    tally = Tally()
-    metrics = Metrics(tally)
     auth = EndpointAuth(config.auth)
-    privacy = Privacy(
-        PrivacyPolicy(
-            honour_coppa=config.privacy.coppa,
-            honour_us_privacy=config.privacy.us_privacy,
-            require_gdpr_consent=config.privacy.gdpr,
-            honour_gpp=config.privacy.gpp,
-            gdpr_vendor_id=config.privacy.gdpr_vendor_id,
-            gdpr_purposes=config.privacy.gdpr_purposes,
-            us_rules=config.privacy.us_rules,
-        )
-    )
-    endpoint = EnrichEndpoint(
-        config.enrich,
-        privacy,
-        guard,
-        tally,
-        auth,
-        capture=Capture(config.capture, privacy) if config.capture.path else None,
-    )
+    endpoint = enrich_endpoint(config, auth)
+    guard, tally = endpoint.guard, endpoint.tally
+    metrics = Metrics(tally)
     store_path = Path(config.server.store)
     dmp = DmpApi(config, lambda: endpoint.store, metrics, ingest_socket)
 
@@ -140,7 +181,7 @@ def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer
                 # Each connection's HTTP protocol finds its limits here (lifespan state).
                 yield {
                     CONNECTIONS_STATE_KEY: connections,
-                    FAST_LANE_STATE_KEY: FastLane(config.enrich.path, endpoint),
+                    FAST_LANE_STATE_KEY: server.lanes,
                 }
         finally:
             flusher.cancel()
@@ -181,7 +222,8 @@ def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer
         ],
         lifespan=lifespan,
     )
-    return EnrichServer(config.enrich.path, endpoint, rest)
+    server = EnrichServer(config, endpoint, rest)  # before the lifespan runs, which reads it
+    return server
 
 
 def _oauth_token(

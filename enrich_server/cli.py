@@ -25,7 +25,12 @@ import uvicorn
 import uvloop
 
 from enrich_server import __version__, ingestd
-from enrich_server.app import CONFIG_HANDOFF_VARIABLE, INGEST_SOCKET_VARIABLE
+from enrich_server.app import (
+    CONFIG_HANDOFF_VARIABLE,
+    INGEST_SOCKET_VARIABLE,
+    enrich_endpoint,
+    privacy_policy,
+)
 from enrich_server.capture import read_capture
 from enrich_server.check import format_report, parse_target, read_bodies, run_check
 from enrich_server.config import (
@@ -36,6 +41,7 @@ from enrich_server.config import (
     options,
     to_json,
 )
+from enrich_server.consent_explain import explain as explain_consent
 from enrich_server.dropfiles import (
     DEFAULT_SETTLE_SECONDS,
     DropFileError,
@@ -44,12 +50,11 @@ from enrich_server.dropfiles import (
     process_directory,
 )
 from enrich_server.errors import ConfigError, EnrichError, SnapshotError
-from enrich_server.explain import explain
+from enrich_server.explain import explain_call
 from enrich_server.generations import remove_dead_builds
 from enrich_server.keys import NAMESPACES, parse_key
 from enrich_server.log import redacted, setup_logging
 from enrich_server.metrics import MULTIPROC_ENV
-from enrich_server.privacy import PrivacyPolicy
 from enrich_server.protocol import EnrichHttpProtocol
 from enrich_server.replay import DEFAULT_RATE, replay
 from enrich_server.replay import format_report as format_replay
@@ -179,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     consent.add_argument("--config", type=Path, help="TOML configuration ([privacy] section)")
 
+    explain = commands.add_parser(
+        "explain",
+        help="why a request gets the answer it gets (keys, aliases, TTLs, privacy, cache)",
+        description="Answer BODY (an OpenRTB request as Index sends it; - for standard input) "
+        "from a store as POST /enrich would, and print the answer with an explain object: "
+        "each identity key and the fields that gave none, alias resolution, what each key "
+        "holds with remaining TTLs, each segment's source key, the privacy rule that withheld "
+        "user-level segments and the field that decided it, the holdout and the Cache-Control "
+        "reason. The same as POST /enrich?explain=1 on a running server.",
+    )
+    explain.add_argument("body", metavar="BODY.json", help="request body file, or -")
+    explain.add_argument("--store", type=Path, default=EXAMPLE_STORE, help="store directory")
+    explain.add_argument("--config", type=Path, help="TOML configuration ([privacy], [enrich])")
+
     check = commands.add_parser(
         "check",
         help="would Index's circuit breaker trip on an endpoint?",
@@ -256,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _compact(args)
         if args.command == "consent":
             return _consent(args)
+        if args.command == "explain":
+            return _explain(args)
         if args.command == "segments":
             return _segments(args)
         if args.command == "ingest":
@@ -506,14 +527,29 @@ def _section_ids(text: str) -> list[int]:
 
 def _consent(args: argparse.Namespace) -> int:
     config = load_config(args.config, os.environ)
-    policy = PrivacyPolicy(
-        gdpr_vendor_id=config.privacy.gdpr_vendor_id,
-        gdpr_purposes=config.privacy.gdpr_purposes,
-        us_rules=config.privacy.us_rules,
-    )
-    lines, reason = explain(args.string, policy, args.gpp_sid)
+    lines, reason = explain_consent(args.string, privacy_policy(config), args.gpp_sid)
     print("\n".join(lines))
     return 0 if reason is None else EXIT_FAILED
+
+
+def _explain(args: argparse.Namespace) -> int:
+    config = load_config(args.config, os.environ, {"enrich.guard_lag_ms": 0.0})
+    try:
+        body = sys.stdin.buffer.read() if args.body == "-" else Path(args.body).read_bytes()
+    except OSError as exc:
+        print(f"enrich-server: cannot read {args.body}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    endpoint = enrich_endpoint(config)
+    endpoint.store = SegmentStore(args.store)
+    try:
+        _, answer = explain_call(endpoint, body)
+    except msgspec.DecodeError as exc:
+        print(f"enrich-server: {args.body}: not JSON: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        endpoint.store.close()
+    print(msgspec.json.format(msgspec.json.encode(answer), indent=2).decode())
+    return 0
 
 
 def _segments(args: argparse.Namespace) -> int:

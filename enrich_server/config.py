@@ -64,6 +64,15 @@ def _nonempty_items(value: tuple[str, ...] | dict[str, str]) -> str | None:
     return None if all(k is not None and v for k, v in items) else "has an empty entry"
 
 
+def _share(value: float) -> str | None:
+    return None if 0.0 <= value <= 1.0 else "must be between 0 and 1"
+
+
+def _segtax(value: dict[str, int]) -> str | None:
+    ok = all(0 < v < 2**31 for v in value.values())
+    return None if ok else "has a segtax that is not a positive integer"
+
+
 def _port(value: int) -> str | None:
     return None if 0 <= value <= 65535 else "must be between 0 and 65535"
 
@@ -176,6 +185,12 @@ class EnrichConfig:
         "answer empty at once while the event loop lags more than this (ms); 0 = never",
         _not_negative,
     )
+    holdout: float = _opt(
+        0.0,
+        "share of users (a stable hash of their first user-level key) answered empty, to"
+        " measure what the segments add; 0 = off",
+        _share,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,10 +222,34 @@ class AuthConfig:
     trusted_proxies: tuple[str, ...] = _opt(
         (), "proxies whose X-Forwarded-For is believed (CIDRs); empty = never read it", _cidrs
     )
+    explain_tokens: tuple[str, ...] = _opt(
+        (), "operator tokens for POST <path>?explain=1 (Authorization: Bearer); empty = off",
+        _nonempty_items,
+    )  # fmt: skip
 
 
-def _sample_share(value: float) -> str | None:
-    return None if 0.0 <= value <= 1.0 else "must be between 0 and 1"
+@dataclass(frozen=True, slots=True)
+class OrtbConfig:
+    """``[ortb]``: the OpenRTB-native answer (``user.data``) for Prebid Server modules."""
+
+    path: str = _opt("/ortb", "path of the OpenRTB endpoint", _http_path)
+    data_name: str = _opt("enrich-server", "user.data[].name: who provides the segments")
+    segtax: dict[str, int] = _opt(  # noqa: RUF009 - _opt returns a dataclasses.field
+        {}, "segment-name prefix -> segtax (IAB taxonomy id) of its user.data entry; the"
+        " longest matching prefix wins, a segment matching none goes in an entry without",
+        _segtax, item=int,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class RtcConfig:
+    """``[rtc]``: AMP Real-Time Config (``GET``, macros in the query string)."""
+
+    path: str = _opt("/rtc", "path of the AMP RTC endpoint", _http_path)
+    targeting_key: str = _opt(
+        "enrich_segments", "key of the segment list in the answer's targeting object",
+        _header_name,
+    )  # fmt: skip
 
 
 #: The shortest ``[enrich.capture] key``: a short key could be found by trying keys on the
@@ -223,7 +262,7 @@ class CaptureConfig:
     """``[enrich.capture]``: a sample of requests, ids hashed, written for ``replay``."""
 
     path: str = _opt("", "directory of the capture files (capture-<pid>-<n>.jsonl); empty = off")
-    sample: float = _opt(0.001, "share of requests captured (0-1)", _sample_share)
+    sample: float = _opt(0.001, "share of requests captured (0-1)", _share)
     key: str = _opt(
         "", f"HMAC key of the hashed ids (at least {MIN_CAPTURE_KEY_CHARS} characters);"
         " required with path, and by replay",
@@ -310,6 +349,8 @@ class Config:
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     dmp: DmpConfig = field(default_factory=DmpConfig)
+    ortb: OrtbConfig = field(default_factory=OrtbConfig)
+    rtc: RtcConfig = field(default_factory=RtcConfig)
     platforms: tuple[PlatformConfig, ...] = ()
 
     def platform(self, platform_id: int) -> PlatformConfig | None:
@@ -328,6 +369,8 @@ _SECTIONS: Final[dict[str, tuple[str, type[Any]]]] = {
     "enrich.capture": ("capture", CaptureConfig),
     "privacy": ("privacy", PrivacyConfig),
     "dmp": ("dmp", DmpConfig),
+    "ortb": ("ortb", OrtbConfig),
+    "rtc": ("rtc", RtcConfig),
 }
 #: The TOML array of tables holding the platforms, and the prefix of their variables.
 PLATFORM_TABLE: Final = "platform"
@@ -364,10 +407,13 @@ def _from_text(where: str, kind: type[Any], value: str, item: type[Any] = str) -
     if kind is tuple:
         return [part.strip() for part in value.split(",") if part.strip()]
     if kind is dict:
-        pairs = [item.partition("=") for item in value.split(",") if item.strip()]
+        pairs = [entry.partition("=") for entry in value.split(",") if entry.strip()]
         if not all(sep for _, sep, _ in pairs):
             raise ConfigError(f"{where}: expected id=value pairs separated by commas")
-        return {k.strip(): v.strip() for k, _, v in pairs}
+        try:
+            return {k.strip(): item(v.strip()) for k, _, v in pairs}
+        except ValueError:
+            raise ConfigError(f"{where}: a value is not a number") from None
     return value
 
 
@@ -388,9 +434,10 @@ def _convert(where: str, f: dataclasses.Field[Any], value: Any, text: bool = Fal
     if (
         kind is dict
         and isinstance(value, dict)
-        and not all(isinstance(v, str) for v in value.values())
+        and not all(type(v) is item for v in value.values())
     ):
-        raise ConfigError(f"{where}: expected a table of strings")
+        kinds = "integers" if item is int else "strings"
+        raise ConfigError(f"{where}: expected a table of {kinds}")
     if type(value) is not kind:
         expected = "list" if kind is tuple else "table" if kind is dict else kind.__name__
         raise ConfigError(f"{where}: expected {expected}, got {type(value).__name__}")
@@ -466,8 +513,19 @@ def load_config(
         **{attr: cls(**values[name]) for name, (attr, cls) in _SECTIONS.items()},
         platforms=platforms,
     )
+    _check_paths(config)
     _check_capture(config.capture)
     return config
+
+
+def _check_paths(config: Config) -> None:
+    """The endpoint's callers each need their own path."""
+    paths = {"enrich.path": config.enrich.path, "ortb.path": config.ortb.path,
+             "rtc.path": config.rtc.path}  # fmt: skip
+    for key, value in paths.items():
+        same = [other for other, path in paths.items() if path == value and other != key]
+        if same:
+            raise ConfigError(f"{key} and {same[0]} are the same path {value!r}")
 
 
 def _check_capture(capture: CaptureConfig) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
@@ -21,9 +22,10 @@ from enrich_server.auth import CallScope, EndpointAuth
 from enrich_server.capture import Capture
 from enrich_server.config import EnrichConfig
 from enrich_server.guard import LoadGuard
+from enrich_server.holdout import Holdout
 from enrich_server.keys import request_keys
 from enrich_server.metrics import Tally
-from enrich_server.openrtb import decode
+from enrich_server.openrtb import BidRequest, decode
 from enrich_server.privacy import Privacy
 from enrich_server.store import SegmentStore
 
@@ -41,12 +43,16 @@ _EMPTY_HEADERS: Final = [
     (b"content-length", b"%d" % len(EMPTY_BODY)),
 ]
 _ERROR_ENCODER: Final = msgspec.json.Encoder()
-_USE_POST: Final = _ERROR_ENCODER.encode({"error": "use POST"})
-_ALLOW_POST: Final = ((b"allow", b"POST"),)
 _BEARER_CHALLENGE: Final = ((b"www-authenticate", b"Bearer"),)
 
 #: An answer: HTTP status, Cache-Control value, JSON body, and any further headers.
 Reply = tuple[int, bytes, bytes, tuple[tuple[bytes, bytes], ...] | None]
+#: What a call's bytes (a body, or a query string for GET callers) answer: Cache-Control
+#: value and JSON body; raises ``msgspec.DecodeError`` for bytes it cannot read.
+Answer = Callable[[bytes], tuple[bytes, bytes]]
+#: A lookup's outcome: Cache-Control value and the JSON-encoded segment names.
+Lookup = tuple[bytes, list[bytes]]
+_NOTHING: Final[Lookup] = (NO_CACHE, [])
 
 log = logging.getLogger(__name__)
 _clock: Final = time.perf_counter
@@ -63,8 +69,6 @@ class EnrichEndpoint:
         guard: LoadGuard,
         tally: Tally,
         auth: EndpointAuth | None = None,
-        *,
-        capture: Capture | None = None,
     ) -> None:
         self.store: SegmentStore | None = None
         self.guard = guard
@@ -73,33 +77,47 @@ class EnrichEndpoint:
         self._auth = auth if auth is not None and auth.enabled else None
         self.has_auth = self._auth is not None
         self._bearer_challenge = auth is not None and auth.signer is not None
-        self._privacy = privacy
-        self.capture = capture
+        self.privacy = privacy
+        # None when off: the hot path pays one `is None` per call.
+        self.holdout = Holdout(config.holdout) if config.holdout else None
+        self.capture: Capture | None = None
         self.max_body = config.max_body
         self._max_age = config.max_age
-        self._full_cache = b"max-age=%d" % config.max_age
+        self.full_cache = b"max-age=%d" % config.max_age
         self._too_large = _ERROR_ENCODER.encode(
             {"error": f"body larger than {config.max_body} bytes"}
         )
         # Constant messages, built once: ASGI servers only read them.
-        self._empty_start: Message = {
+        self.empty_start: Message = {
             "type": "http.response.start",
             "status": 200,
             "headers": _EMPTY_HEADERS,
         }
-        self._empty_body: Message = {"type": "http.response.body", "body": EMPTY_BODY}
+        self.empty_body: Message = {"type": "http.response.body", "body": EMPTY_BODY}
 
     def answer(self, body: bytes) -> tuple[bytes, bytes]:
-        """Return ``(Cache-Control value, JSON body)`` for a request body.
+        """Return ``(Cache-Control value, JSON body)`` for an ``/enrich`` request body.
 
         Raises ``msgspec.DecodeError`` when the body is not JSON.
         """
-        request = decode(body)
+        cache, segments = self.lookup(decode(body))
+        if not segments:
+            return cache, EMPTY_BODY
+        return cache, _BODY_HEAD + b",".join(segments) + _BODY_TAIL
+
+    def lookup(self, request: BidRequest) -> Lookup:
+        """The segments a request may receive, and the Cache-Control value of the answer.
+
+        Every caller's answer (``/enrich``, ``/ortb``, ``/rtc``) is this, in its own shape.
+        """
         store = self.store
         if store is None:
-            return NO_CACHE, EMPTY_BODY
+            return _NOTHING
         user, context = request_keys(request)
-        reason = self._privacy.suppression_reason(request)
+        if self.holdout is not None and user and self.holdout.held_out(user[0]):
+            self.tally.holdout += 1
+            return _NOTHING
+        reason = self.privacy.suppression_reason(request)
         tally = self.tally
         if reason is None:
             keys = user + context
@@ -107,20 +125,20 @@ class EnrichEndpoint:
             keys = context
             tally.suppressed[reason] += 1
         if not keys:
-            return NO_CACHE, EMPTY_BODY
+            return _NOTHING
         now = int(time.time())
         resolved = store.resolve(keys, now, MAX_SEGMENTS)
         tally.hits += resolved.hits
         tally.misses += len(keys) - resolved.hits
-        if not resolved.segments_json:
-            return NO_CACHE, EMPTY_BODY
-        tally.answer(len(resolved.segments_json))
-        out = _BODY_HEAD + b",".join(resolved.segments_json) + _BODY_TAIL
+        segments = resolved.segments_json
+        if not segments:
+            return _NOTHING
+        tally.answer(len(segments))
         if reason is not None:
-            return NO_CACHE, out
+            return NO_CACHE, segments
         if resolved.min_expires and resolved.min_expires - now < self._max_age:
-            return b"max-age=%d" % (resolved.min_expires - now), out
-        return self._full_cache, out
+            return b"max-age=%d" % (resolved.min_expires - now), segments
+        return self.full_cache, segments
 
     def refuse(self, scope: CallScope) -> Reply | None:
         """The 401/403 answer when auth is configured and the call fails it, else ``None``.
@@ -147,72 +165,101 @@ class EnrichEndpoint:
         self.tally.request(413, _clock() - start)
         return 413, NO_CACHE, self._too_large, None
 
-    def respond(self, body: bytes, start: float) -> Reply:
-        """The answer to a POST of ``body`` (read whole, ``start`` when the call began): shed by
-        the guard, too large, not JSON, or the enrichment. Never raises; counts the answer.
+    def respond(self, body: bytes, start: float, answer: Answer, empty: bytes) -> Reply:
+        """The answer to a call carrying ``body`` (read whole; a GET caller's query string),
+        ``start`` when the call began: shed by the guard, too large, not readable, or what
+        ``answer`` makes of it. ``empty`` is the caller's answer without segments (a shed
+        call's, or one a bug cut short). Never raises; counts the answer.
 
-        Both lanes call this: the HTTP protocol's fast lane and the ASGI endpoint.
+        Both lanes call this: the HTTP protocol's fast lane and the ASGI ``EndpointRoute``.
         """
         tally = self.tally
         if self.guard.should_shed():
             tally.shed += 1
             tally.request(200, _clock() - start)
-            return 200, NO_CACHE, EMPTY_BODY, None
+            return 200, NO_CACHE, empty, None
         if len(body) > self.max_body:
             return self.too_large(start)
         status = 200
         try:
-            cache, out = self.answer(body)
+            cache, out = answer(body)
         except msgspec.DecodeError as exc:
             status, cache = 400, NO_CACHE
             out = _ERROR_ENCODER.encode({"error": f"body is not JSON: {exc}"})
         except RecursionError:
             # JSON nested deeper than the decoder follows: well-formed, but nothing usable.
-            cache, out = NO_CACHE, EMPTY_BODY
+            cache, out = NO_CACHE, empty
         except Exception:
             # A bug must not trip Index's breaker: answer "nothing known" and say so loudly.
             log.exception("enrich failed; answered empty")
-            cache, out = NO_CACHE, EMPTY_BODY
+            cache, out = NO_CACHE, empty
         capture = self.capture
-        if capture is not None and _random() < capture.sample:
+        # Only /enrich's answers (the callers whose empty answer is EMPTY_BODY) are captured.
+        if capture is not None and empty is EMPTY_BODY and _random() < capture.sample:
             capture.record(body, status, out)
         tally.request(status, _clock() - start)
         return status, cache, out, None
 
+
+class EndpointRoute:
+    """One of the endpoint's paths as an ASGI app (in-process tests, embedding, and calls the
+    fast lane passes on): ``POST`` callers send a body, ``GET`` callers a query string."""
+
+    def __init__(self, endpoint: EnrichEndpoint, method: str, answer: Answer, empty: bytes) -> None:
+        self.endpoint = endpoint
+        self.method = method
+        self.answer = answer
+        self.empty = empty
+        self._wrong_method: Reply = (
+            405, NO_CACHE, _ERROR_ENCODER.encode({"error": f"use {method}"}),
+            ((b"allow", method.encode()),),
+        )  # fmt: skip
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The ASGI adapter (in-process tests, embedding, and calls the fast lane passes on)."""
+        """Answer one HTTP call."""
+        endpoint = self.endpoint
         start = _clock()
-        if scope["method"] != "POST":
-            await _send(send, (405, NO_CACHE, _USE_POST, _ALLOW_POST))
-            self.tally.request(405, _clock() - start)
+        if scope["method"] != self.method:
+            await _send(send, self._wrong_method)
+            endpoint.tally.request(405, _clock() - start)
             return
-        refusal = self.refuse(scope)
+        refusal = endpoint.refuse(scope)
         if refusal is not None:
             await _send(send, refusal)
-            self.tally.request(refusal[0], _clock() - start)
+            endpoint.tally.request(refusal[0], _clock() - start)
             return
-        message = await receive()
-        body: bytes = message.get("body", b"")
-        if message.get("more_body", False):
-            chunks = [body]
-            size = len(body)
-            while message.get("more_body", False) and size <= self.max_body:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunk = message.get("body", b"")
-                chunks.append(chunk)
-                size += len(chunk)
-            if size > self.max_body:
-                await _send(send, self.too_large(start))
+        if self.method == "GET":
+            data: bytes | None = scope["query_string"]
+        else:
+            data = await read_body(receive, endpoint.max_body)
+            if data is None:
+                await _send(send, endpoint.too_large(start))
                 return
-            body = b"".join(chunks)
-        reply = self.respond(body, start)
+        reply = endpoint.respond(data or b"", start, self.answer, self.empty)
         if reply[2] is EMPTY_BODY:
-            await send(self._empty_start)
-            await send(self._empty_body)
+            await send(endpoint.empty_start)
+            await send(endpoint.empty_body)
         else:
             await _send(send, reply)
+
+
+async def read_body(receive: Receive, max_body: int) -> bytes | None:
+    """The whole body of an ASGI HTTP call; ``None`` once it passes ``max_body`` (or the
+    client left: nothing to answer either way)."""
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body
+    chunks = [body]
+    size = len(body)
+    while message.get("more_body", False) and size <= max_body:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+    return None if size > max_body else b"".join(chunks)
 
 
 async def _send(send: Send, reply: Reply) -> None:

@@ -18,6 +18,7 @@ before they start, and ``/metrics`` aggregates every worker's files.
 | ``enrich_segments_per_response`` | histogram | |
 | ``enrich_privacy_suppressions_total`` | counter | ``reason`` |
 | ``enrich_shed_total`` | counter | |
+| ``enrich_holdout_total`` | counter | |
 | ``enrich_store_identities`` | gauge | |
 | ``enrich_store_built_timestamp_seconds`` | gauge | |
 | ``enrich_store_generation`` | gauge | |
@@ -55,8 +56,8 @@ STATUSES: Final = (200, 400, 401, 403, 405, 413)
 class Tally:
     """What one worker counted since it started: plain numbers, written by the hot path."""
 
-    __slots__ = ("auth_rejected", "fast_lane", "hits", "latency", "latency_sum", "misses",
-                 "segments", "segments_sum", "shed", "status", "suppressed")  # fmt: skip
+    __slots__ = ("auth_rejected", "fast_lane", "hits", "holdout", "latency", "latency_sum",
+                 "misses", "segments", "segments_sum", "shed", "status", "suppressed")  # fmt: skip
 
     def __init__(self) -> None:
         self.status = dict.fromkeys(STATUSES, 0)
@@ -69,6 +70,7 @@ class Tally:
         self.suppressed = dict.fromkeys(REASONS, 0)
         self.auth_rejected = dict.fromkeys(AUTH_REASONS, 0)
         self.shed = 0
+        self.holdout = 0  # users answered empty to measure lift ([enrich] holdout)
         self.fast_lane = 0  # calls answered inside the HTTP protocol (logged at worker stop)
 
     def request(self, status: int, seconds: float) -> None:
@@ -127,6 +129,10 @@ class Metrics:
             registry=reg,
         )
         self._rejected_children = {r: self._rejected.labels(r) for r in AUTH_REASONS}
+        self._holdout = Counter(
+            "enrich_holdout", "Requests answered empty because their user is held out.",
+            registry=reg,
+        )  # fmt: skip
         self._shed = Counter(
             "enrich_shed", "Requests answered empty at once by the overload guard.", registry=reg
         )
@@ -190,7 +196,9 @@ class Metrics:
         _add(self._hits, now.hits - then.hits)
         _add(self._misses, now.misses - then.misses)
         _add(self._shed, now.shed - then.shed)
+        _add(self._holdout, now.holdout - then.holdout)
         then.hits, then.misses, then.shed = now.hits, now.misses, now.shed
+        then.holdout = now.holdout
         _flush_histogram(
             self._latency, now.latency, then.latency, now.latency_sum - then.latency_sum
         )

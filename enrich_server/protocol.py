@@ -20,11 +20,13 @@ of a worker:
   that carries the request's own framing, so its body and whatever follows are read as HTTP/1.1.
 
 And one thing it does that no ASGI server can: a **fast lane** for the hot path. A POST to
-the enrichment path is answered inside the protocol, with no ASGI task, scope or message
-dicts: the body is collected from the parser's callbacks, the answer computed synchronously
-by the same ``EnrichEndpoint.respond`` the ASGI endpoint calls, and status line, headers and
-body leave in one ``transport.write``. A fast request waits its turn behind ASGI requests
-pipelined before it (it then takes the ASGI lane itself), so answers stay in request order.
+the enrichment path (and to ``/ortb``, and a GET of ``/rtc``: each a ``FastLane``) is
+answered inside the protocol, with no ASGI task, scope or message dicts: the body is
+collected from the parser's callbacks, the answer computed synchronously by the same
+``EnrichEndpoint.respond`` the ASGI route calls, and status line, headers and body leave in
+one ``transport.write``. An explain call (``?explain=1``) takes the ASGI lane. A fast
+request waits its turn behind ASGI requests pipelined before it (it then takes the ASGI
+lane itself), so answers stay in request order.
 
 The limits travel from the app's lifespan to each connection in the lifespan state
 (``CONNECTIONS_STATE_KEY``; the fast lane's endpoint: ``FAST_LANE_STATE_KEY``), the ASGI
@@ -47,12 +49,12 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from enrich_server.config import ServerConfig
-from enrich_server.enrich import EnrichEndpoint, Reply
+from enrich_server.enrich import Answer, EnrichEndpoint, Reply
 
 #: Where the lifespan state holds the worker's ``Connections``.
 CONNECTIONS_STATE_KEY: Final = "enrich_server.connections"
-#: ... and the ``FastLane``.
-FAST_LANE_STATE_KEY: Final = "enrich_server.fast_lane"
+#: ... and the ``FastLane`` tuple, tried in order.
+FAST_LANE_STATE_KEY: Final = "enrich_server.fast_lanes"
 #: How often deadlines are checked: a timeout fires up to this much late.
 SWEEP_SECONDS: Final = 0.25
 _NEVER: Final = math.inf
@@ -63,18 +65,44 @@ _clock: Final = time.perf_counter
 
 
 class FastLane:
-    """The enrichment endpoint as the protocol calls it: its path, and the answer's bytes."""
+    """One of the endpoint's paths as the protocol calls it: path, method, what answers it
+    (from the body, or for ``GET`` from the query string), and the answer's bytes."""
 
-    def __init__(self, path: str, endpoint: EnrichEndpoint) -> None:
+    def __init__(
+        self,
+        path: str,
+        method: str,
+        endpoint: EnrichEndpoint,
+        answer: Answer,
+        empty: bytes,
+        *,
+        slow_query: bytes | None = None,
+    ) -> None:
         self.path = path.encode()
         self.query_at = len(self.path)
+        self.method = method.encode()
+        self.from_query = method == "GET"
         self.endpoint = endpoint
+        self.answer = answer
+        self.empty = empty  # the answer without segments, in the caller's shape
+        self._slow_query = slow_query  # a query parameter that sends the call to ASGI
         self._defaults: list[tuple[bytes, bytes]] | None = None
         self._default_lines = b""
 
     def matches(self, url: bytes) -> bool:
-        """Whether a request target is the endpoint's path, with or without a query."""
-        return url == self.path or (url.startswith(self.path) and url[self.query_at] == 0x3F)
+        """Whether a request target is the lane's path, with or without a query (and none
+        holding its ``slow_query``)."""
+        if url == self.path:
+            return True
+        return (
+            url.startswith(self.path)
+            and url[self.query_at] == 0x3F
+            and (self._slow_query is None or self._slow_query not in url)
+        )
+
+    def query(self, url: bytes) -> bytes:
+        """The query string of a target this lane matches."""
+        return url[self.query_at + 1 :] if len(url) > self.query_at else b""
 
     def encode(
         self, reply: Reply, default_headers: list[tuple[bytes, bytes]], close: bool
@@ -176,7 +204,7 @@ class EnrichHttpProtocol(HttpToolsProtocol):
         self._reading = False  # between a request's first byte and its last
         self._upgrade_framing: bytes | None = None  # set while an ignored upgrade is resumed
         self._replaying_head = False
-        self._lane: FastLane | None = app_state.get(FAST_LANE_STATE_KEY)
+        self._lanes: tuple[FastLane, ...] | None = app_state.get(FAST_LANE_STATE_KEY)
         self._fast = False  # the request being read is answered here, not by ASGI
         self._active: FastLane = None  # type: ignore[assignment]  # set while _fast
         self._fast_chunks: list[bytes] = []
@@ -212,7 +240,7 @@ class EnrichHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         if self._replaying_head:
             return
-        if self._lane is None:
+        if self._lanes is None:
             super().on_message_begin()
         else:  # the ASGI scope is built in on_headers_complete, for the ASGI lane only
             self.url = b""
@@ -236,9 +264,10 @@ class EnrichHttpProtocol(HttpToolsProtocol):
         if self._replaying_head:
             self._replaying_head = False  # the body that follows is the upgraded request's
             return
-        lane = self._lane
-        if lane is not None:
-            if self._takes_fast_lane(lane):
+        lanes = self._lanes
+        if lanes is not None:
+            lane = self._fast_lane(lanes)
+            if lane is not None:
                 self._begin_fast(lane)
                 return
             url, headers, expect = self.url, self.headers, self.expect_100_continue
@@ -276,10 +305,16 @@ class EnrichHttpProtocol(HttpToolsProtocol):
             if self._fast_answered:
                 self._fast_answered = False
                 return
+            lane = self._active
             chunks = self._fast_chunks
-            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             self._fast_chunks = []
-            self._answer_fast(self._active.endpoint.respond(body, self._fast_start))
+            if lane.from_query:
+                data = lane.query(self.url)
+            else:
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self._answer_fast(
+                lane.endpoint.respond(data, self._fast_start, lane.answer, lane.empty)
+            )
             return
         super().on_message_complete()
         self._reading = False
@@ -294,14 +329,17 @@ class EnrichHttpProtocol(HttpToolsProtocol):
 
     # The fast lane.
 
-    def _takes_fast_lane(self, lane: FastLane) -> bool:
-        return (
-            self.parser.get_method() == b"POST"
-            and lane.matches(self.url)
-            and not self.parser.should_upgrade()
-            and (self.cycle is None or self.cycle.response_complete)  # no ASGI call ahead
-            and not self.pipeline
-        )
+    def _fast_lane(self, lanes: tuple[FastLane, ...]) -> FastLane | None:
+        """The lane answering the request whose headers just ended, if one does."""
+        if self.parser.should_upgrade() or self.pipeline:
+            return None
+        if self.cycle is not None and not self.cycle.response_complete:
+            return None  # an ASGI call ahead: answers stay in order
+        method, url = self.parser.get_method(), self.url
+        for lane in lanes:
+            if method == lane.method and lane.matches(url):
+                return lane
+        return None
 
     def _begin_fast(self, lane: FastLane) -> None:
         self._fast = True
@@ -316,8 +354,7 @@ class EnrichHttpProtocol(HttpToolsProtocol):
             self.deadline = self.loop.time() + registry.limits.body_timeout
         endpoint = lane.endpoint
         if endpoint.has_auth:
-            url = self.url
-            query = url[lane.query_at + 1 :] if len(url) > lane.query_at else b""
+            query = lane.query(self.url)
             scope = {"headers": self.headers, "query_string": query, "client": self.client}
             refusal = endpoint.refuse(scope)
             if refusal is not None:  # before the body, as the ASGI lane does

@@ -28,7 +28,7 @@ from typing import Any, Final
 import msgspec
 import uvloop
 
-from enrich_server.app import create_app
+from enrich_server.app import enrich_endpoint
 from enrich_server.capture import HASH_PREFIX, CapturedRequest, hash_id, key_id, map_ids
 from enrich_server.check import (
     MAX_DURATION_S,
@@ -39,7 +39,7 @@ from enrich_server.check import (
     run_check,
 )
 from enrich_server.config import CaptureConfig, Config
-from enrich_server.enrich import EnrichEndpoint
+from enrich_server.enrich import EMPTY_BODY, EnrichEndpoint
 from enrich_server.keys import EID, IFA, NAMESPACES, UID, request_keys
 from enrich_server.openrtb import decode
 from enrich_server.store import SegmentStore
@@ -225,7 +225,7 @@ def _unhashed_body(request: CapturedRequest, table: dict[str, str]) -> bytes:
 def _endpoint(config: Config, store: SegmentStore) -> EnrichEndpoint:
     """The production endpoint as ``serve`` builds it (capture off), on ``store``."""
     quiet = dataclasses.replace(config, capture=CaptureConfig())
-    endpoint = create_app(quiet).enrich
+    endpoint = enrich_endpoint(quiet)
     endpoint.store = store
     return endpoint
 
@@ -233,7 +233,7 @@ def _endpoint(config: Config, store: SegmentStore) -> EnrichEndpoint:
 def _answer_in_process(endpoint: EnrichEndpoint, body: bytes, report: ReplayReport) -> list[str]:
     clock = time.perf_counter
     start = clock()
-    status, _, out, _ = endpoint.respond(body, start)
+    status, _, out, _ = endpoint.respond(body, start, endpoint.answer, EMPTY_BODY)
     report.latencies.append(clock() - start)
     report.status[status] += 1
     segments = _segments(out) if status == 200 else []

@@ -12,6 +12,7 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
+from enrich_server.app import enrich_endpoint
 from enrich_server.capture import (
     HASH_HEX,
     HASH_PREFIX,
@@ -23,7 +24,7 @@ from enrich_server.capture import (
     sanitise,
 )
 from enrich_server.config import CaptureConfig, load_config
-from enrich_server.enrich import EnrichEndpoint
+from enrich_server.enrich import EMPTY_BODY, EnrichEndpoint
 from enrich_server.errors import ConfigError
 from enrich_server.guard import LoadGuard
 from enrich_server.metrics import Tally
@@ -161,19 +162,22 @@ def test_rotation_removes_dead_workers_files_not_live_ones(tmp_path: Path) -> No
 
 
 def endpoint_with(capture: Capture | None, store_path: Path | None = None) -> EnrichEndpoint:
-    endpoint = EnrichEndpoint(
-        load_config().enrich, Privacy(), LoadGuard(0), Tally(), capture=capture
-    )
+    endpoint = EnrichEndpoint(load_config().enrich, Privacy(), LoadGuard(0), Tally())
+    endpoint.capture = capture
     if store_path is not None:
         endpoint.store = SegmentStore(store_path)
     return endpoint
+
+
+def call(endpoint: EnrichEndpoint, body: bytes) -> tuple[int, bytes, bytes, object]:
+    return endpoint.respond(body, 0.0, endpoint.answer, EMPTY_BODY)
 
 
 def test_sampled_out_writes_nothing(tmp_path: Path, make_store: StoreFactory) -> None:
     config = CaptureConfig(path=str(tmp_path / "cap"), sample=0.0, key=KEY)
     endpoint = endpoint_with(Capture(config, Privacy()), make_store("uid:u1\ts1\n"))
     for _ in range(1000):
-        assert endpoint.respond(b'{"user": {"id": "u1"}}', 0.0)[2] == b'{"segment_ids":["s1"]}'
+        assert call(endpoint, b'{"user": {"id": "u1"}}')[2] == b'{"segment_ids":["s1"]}'
     assert not (tmp_path / "cap").exists()
 
 
@@ -190,8 +194,8 @@ def test_a_line_records_answer_suppression_and_holdout(
         {"user": {"id": "held"}},
     ]
     for body in bodies:
-        endpoint.respond(json.dumps(body).encode(), 0.0)
-    endpoint.respond(b"not json", 0.0)
+        call(endpoint, json.dumps(body).encode())
+    call(endpoint, b"not json")
     lines = list(read_capture([tmp_path / "cap"]))
     assert [(line.segments, line.suppressed, line.holdout) for line in lines] == [
         (2, None, False),
@@ -211,7 +215,7 @@ def test_a_write_error_turns_capture_off_once(
     endpoint = endpoint_with(capture)
     with caplog.at_level(logging.ERROR, logger="enrich_server.capture"):
         for _ in range(3):
-            assert endpoint.respond(b'{"user": {"id": "u1"}}', 0.0)[0] == 200
+            assert call(endpoint, b'{"user": {"id": "u1"}}')[0] == 200
     assert capture.sample < 0
     assert [r.message for r in caplog.records] == ["capture failed; capture is off until restart"]
 
@@ -268,3 +272,16 @@ def test_a_real_server_captures_no_raw_id(tmp_path: Path, make_store: StoreFacto
         assert raw not in text
     for ident in ("user-raw-1", "buyer-raw-1", "eid-raw-1", "eid-raw-2", IFA.lower()):
         assert text.count(hashed(ident)) == 5
+
+
+def test_held_out_users_are_flagged(tmp_path: Path, make_store: StoreFactory) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[enrich]\nholdout = 1.0\n[enrich.capture]\npath = "{tmp_path / "cap"}"\n'
+        f'sample = 1.0\nkey = "{KEY}"\n'
+    )
+    endpoint = enrich_endpoint(load_config(path))
+    endpoint.store = SegmentStore(make_store("uid:u1\ts1\n"))
+    assert call(endpoint, b'{"user": {"id": "u1"}}')[2] == EMPTY_BODY
+    call(endpoint, b'{"site": {"domain": "d.example"}}')  # no user: never held out
+    assert [line.holdout for line in read_capture([tmp_path / "cap"])] == [True, False]
