@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from enrich_server import config as config_module
 from enrich_server.amp import EMPTY_TARGETING, rtc_answer
 from enrich_server.auth import ClientCredentials, EndpointAuth
+from enrich_server.capture import Capture
 from enrich_server.config import Config
 from enrich_server.dmp_api import DmpApi
 from enrich_server.enrich import EMPTY_BODY, EndpointRoute, EnrichEndpoint
@@ -112,13 +113,18 @@ def privacy_policy(config: Config) -> PrivacyPolicy:
 
 def enrich_endpoint(config: Config, auth: EndpointAuth | None = None) -> EnrichEndpoint:
     """The enrichment endpoint ``config`` describes (its store attached later, per worker)."""
-    return EnrichEndpoint(
+    endpoint = EnrichEndpoint(
         config.enrich,
         Privacy(privacy_policy(config)),
         LoadGuard(config.enrich.guard_lag_ms / 1000),
         Tally(),
         auth,
     )
+    if config.capture.path:
+        holdout = endpoint.holdout
+        held_out = holdout.held_out if holdout is not None else None
+        endpoint.capture = Capture(config.capture, endpoint.privacy, held_out)
+    return endpoint
 
 
 def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer:

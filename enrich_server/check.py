@@ -17,7 +17,7 @@ import ssl
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -27,6 +27,18 @@ BREAKER_SHARE: Final = 0.05
 #: Upper bounds that keep a check a check, not a load test.
 MAX_REQUESTS: Final = 1_000_000
 MAX_DURATION_S: Final = 600.0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The value at quantile ``q`` in [0, 1] of ``values`` (nearest rank; 0 when empty)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+#: Called with each answer: the index of its body, its status and its body.
+AnswerHook = Callable[[int, int, bytes], None]
 
 
 @dataclass
@@ -51,10 +63,7 @@ class CheckResult:
 
     def percentile(self, q: float) -> float:
         """Latency (seconds) at quantile ``q`` in [0, 1] of answered requests."""
-        if not self.latencies:
-            return 0.0
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return percentile(self.latencies, q)
 
     @property
     def over_budget_share(self) -> float:
@@ -128,8 +137,8 @@ def parse_target(url: str, headers: Sequence[str]) -> Target:
     return Target(parts.hostname, port, path, parts.scheme == "https", extra)
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """Read one response; returns (status, connection kept alive)."""
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool, bytes]:
+    """Read one response; returns (status, connection kept alive, body)."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     status = int(lines[0].split(b" ", 2)[1])
@@ -144,17 +153,23 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
             keep_alive = False
         elif name == b"transfer-encoding":
             raise ValueError("chunked responses are not supported by check")
-    if length:
-        await reader.readexactly(length)
-    return status, keep_alive
+    body = await reader.readexactly(length) if length else b""
+    return status, keep_alive, body
 
 
 class _Checker:
     """One check run: a scheduler feeding due times to a pool of connection workers."""
 
-    def __init__(self, target: Target, bodies: Sequence[bytes], timeout: float) -> None:
+    def __init__(
+        self,
+        target: Target,
+        bodies: Sequence[bytes],
+        timeout: float,
+        on_answer: AnswerHook | None = None,
+    ) -> None:
         self.target = target
         self.timeout = timeout
+        self.on_answer = on_answer
         self.requests = [
             b"POST %s HTTP/1.1\r\n%sContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
             % (target.path.encode(), target.headers, len(body), body)
@@ -189,10 +204,13 @@ class _Checker:
             if conn is None:
                 conn = await self._connect()
             reader, writer = conn
-            writer.write(self.requests[next(self.counter) % len(self.requests)])
-            status, keep_alive = await asyncio.wait_for(_read_response(reader), self.timeout)
+            index = next(self.counter) % len(self.requests)
+            writer.write(self.requests[index])
+            status, keep_alive, body = await asyncio.wait_for(_read_response(reader), self.timeout)
             result.latencies.append(time.monotonic() - due)
             result.status[status] += 1
+            if self.on_answer is not None:
+                self.on_answer(index, status, body)
             if keep_alive:
                 return conn
         except (TimeoutError, OSError, ValueError, IndexError, asyncio.IncompleteReadError) as e:
@@ -215,15 +233,17 @@ async def run_check(
     duration: float,
     connections: int = 32,
     timeout: float = 1.0,
+    on_answer: AnswerHook | None = None,
 ) -> CheckResult:
-    """Offer ``rate`` requests/s for ``duration`` s over at most ``connections`` connections."""
+    """Offer ``rate`` requests/s for ``duration`` s over at most ``connections`` connections;
+    ``on_answer`` sees each answer (``replay`` reads their segments)."""
     total = round(rate * duration)
     if not 0 < total <= MAX_REQUESTS or duration > MAX_DURATION_S:
         raise ValueError(
             f"a check sends 1 to {MAX_REQUESTS:,} requests over at most {MAX_DURATION_S:.0f} s"
         )
     result = CheckResult(rate, duration)
-    checker = _Checker(target, bodies, timeout)
+    checker = _Checker(target, bodies, timeout, on_answer)
     workers = [asyncio.create_task(checker.worker(result)) for _ in range(connections)]
     start = time.monotonic()
     for i in range(total):

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import itertools
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from enrich_server.app import (
     enrich_endpoint,
     privacy_policy,
 )
+from enrich_server.capture import read_capture
 from enrich_server.check import format_report, parse_target, read_bodies, run_check
 from enrich_server.config import (
     EXAMPLE_STORE,
@@ -54,6 +56,8 @@ from enrich_server.keys import NAMESPACES, parse_key
 from enrich_server.log import redacted, setup_logging
 from enrich_server.metrics import MULTIPROC_ENV
 from enrich_server.protocol import EnrichHttpProtocol
+from enrich_server.replay import DEFAULT_RATE, replay
+from enrich_server.replay import format_report as format_replay
 from enrich_server.snapshot import export_lines, load_snapshots
 from enrich_server.store import DATA_FILE, SegmentStore, StoreWriter, store_dir
 from enrich_server.tempdirs import INGEST_PREFIX, METRICS_PREFIX, remove_abandoned
@@ -219,7 +223,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--header", action="append", default=[], metavar="'NAME: VALUE'", help="extra header"
     )
     check.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_replay_parser(commands)
     return parser
+
+
+def _add_replay_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    replay = commands.add_parser(
+        "replay",
+        help="replay captured traffic against a store, or a live server, and report",
+        description="Replay capture files ([enrich.capture]) against a store: the hashed ids "
+        "the store knows become real again, every request is answered by the endpoint the "
+        "configuration builds, in process, and the report gives the match rate per key type, "
+        "segments per answer, suppressions by reason, held-out users and latency. With --url "
+        "the requests also go to a live server, open loop at --rate, and its answers and "
+        "latencies are reported.",
+    )
+    replay.add_argument("captures", nargs="+", type=Path, metavar="CAPTURE",
+                        help="capture files, or directories of them")  # fmt: skip
+    replay.add_argument("--store", type=Path, required=True, help="store directory")
+    replay.add_argument("--url", help="a live endpoint, e.g. http://127.0.0.1:8080/enrich")
+    replay.add_argument("--rate", type=float, default=DEFAULT_RATE,
+                        help=f"requests per second to --url ({DEFAULT_RATE:g})")  # fmt: skip
+    replay.add_argument("--limit", type=int, help="replay at most this many requests")
+    replay.add_argument(
+        "--config", type=Path,
+        help="TOML configuration: the endpoint's settings and [enrich.capture] key",
+    )  # fmt: skip
+    replay.add_argument("--key", help="the capture key (default: [enrich.capture] key)")
+    replay.add_argument(
+        "--header", action="append", default=[], metavar="'NAME: VALUE'",
+        help="extra header sent to --url",
+    )  # fmt: skip
+    replay.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -246,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _segments(args)
         if args.command == "ingest":
             return _ingest(args)
+        if args.command == "replay":
+            return _replay(args)
         return _stats(args)
     except ConfigError as exc:
         print(f"enrich-server: configuration error: {exc}", file=sys.stderr)
@@ -625,6 +662,40 @@ def _check(args: argparse.Namespace) -> int:
     else:
         print(format_report(result, args.url))
     return EXIT_FAILED if result.trips_breaker() else 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    config = load_config(args.config, os.environ)
+    key = args.key if args.key is not None else config.capture.key
+    if not key:
+        print(
+            "enrich-server: replay needs the capture key: --key, or [enrich.capture] key in"
+            " --config (or ENRICH_ENRICH_CAPTURE_KEY)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if args.rate <= 0 or (args.limit is not None and args.limit < 1):
+        print("enrich-server: --rate and --limit must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        requests = list(itertools.islice(read_capture(args.captures), args.limit))
+        report = replay(
+            config,
+            requests,
+            args.store,
+            key.encode(),
+            url=args.url,
+            rate=args.rate,
+            headers=args.header,
+        )
+    except (ValueError, OSError) as exc:
+        print(f"enrich-server: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(msgspec.json.encode(report.to_dict()).decode())
+    else:
+        print(format_replay(report, args.store))
+    return 0
 
 
 def _age(seconds: int) -> str:

@@ -252,6 +252,26 @@ class RtcConfig:
     )  # fmt: skip
 
 
+#: The shortest ``[enrich.capture] key``: a short key could be found by trying keys on the
+#: hashed ids of a capture file.
+MIN_CAPTURE_KEY_CHARS: Final = 16
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureConfig:
+    """``[enrich.capture]``: a sample of requests, ids hashed, written for ``replay``."""
+
+    path: str = _opt("", "directory of the capture files (capture-<pid>-<n>.jsonl); empty = off")
+    sample: float = _opt(0.001, "share of requests captured (0-1)", _share)
+    key: str = _opt(
+        "", f"HMAC key of the hashed ids (at least {MIN_CAPTURE_KEY_CHARS} characters);"
+        " required with path, and by replay",
+    )  # fmt: skip
+    max_bytes: int = _opt(67108864, "size at which a capture file is closed for the next",
+                          _positive)  # fmt: skip
+    keep: int = _opt(8, "capture files kept per worker; older ones are removed", _positive)
+
+
 @dataclass(frozen=True, slots=True)
 class PrivacyConfig:
     """``[privacy]``: which signals withhold user-level segments (contextual ones stay)."""
@@ -326,6 +346,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     enrich: EnrichConfig = field(default_factory=EnrichConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     dmp: DmpConfig = field(default_factory=DmpConfig)
     ortb: OrtbConfig = field(default_factory=OrtbConfig)
@@ -345,6 +366,7 @@ _SECTIONS: Final[dict[str, tuple[str, type[Any]]]] = {
     "server": ("server", ServerConfig),
     "enrich": ("enrich", EnrichConfig),
     "enrich.auth": ("auth", AuthConfig),
+    "enrich.capture": ("capture", CaptureConfig),
     "privacy": ("privacy", PrivacyConfig),
     "dmp": ("dmp", DmpConfig),
     "ortb": ("ortb", OrtbConfig),
@@ -492,6 +514,7 @@ def load_config(
         platforms=platforms,
     )
     _check_paths(config)
+    _check_capture(config.capture)
     return config
 
 
@@ -503,6 +526,16 @@ def _check_paths(config: Config) -> None:
         same = [other for other, path in paths.items() if path == value and other != key]
         if same:
             raise ConfigError(f"{key} and {same[0]} are the same path {value!r}")
+
+
+def _check_capture(capture: CaptureConfig) -> None:
+    if capture.path and not capture.key:
+        raise ConfigError(
+            "[enrich.capture] path is set but key is not: the capture hashes user ids with it"
+            " (set key, or ENRICH_ENRICH_CAPTURE_KEY)"
+        )
+    if capture.key and len(capture.key) < MIN_CAPTURE_KEY_CHARS:
+        raise ConfigError(f"[enrich.capture] key: shorter than {MIN_CAPTURE_KEY_CHARS} characters")
 
 
 def _check_platforms(platforms: tuple[PlatformConfig, ...]) -> None:

@@ -10,6 +10,7 @@ nothing a client sends can produce a 5xx (Index's circuit breaker trips on eithe
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -18,6 +19,7 @@ import msgspec
 from starlette.types import Message, Receive, Scope, Send
 
 from enrich_server.auth import CallScope, EndpointAuth
+from enrich_server.capture import Capture
 from enrich_server.config import EnrichConfig
 from enrich_server.guard import LoadGuard
 from enrich_server.holdout import Holdout
@@ -54,6 +56,7 @@ _NOTHING: Final[Lookup] = (NO_CACHE, [])
 
 log = logging.getLogger(__name__)
 _clock: Final = time.perf_counter
+_random: Final = random.random
 
 
 class EnrichEndpoint:
@@ -77,6 +80,7 @@ class EnrichEndpoint:
         self.privacy = privacy
         # None when off: the hot path pays one `is None` per call.
         self.holdout = Holdout(config.holdout) if config.holdout else None
+        self.capture: Capture | None = None
         self.max_body = config.max_body
         self._max_age = config.max_age
         self.full_cache = b"max-age=%d" % config.max_age
@@ -189,6 +193,10 @@ class EnrichEndpoint:
             # A bug must not trip Index's breaker: answer "nothing known" and say so loudly.
             log.exception("enrich failed; answered empty")
             cache, out = NO_CACHE, empty
+        capture = self.capture
+        # Only /enrich's answers (the callers whose empty answer is EMPTY_BODY) are captured.
+        if capture is not None and empty is EMPTY_BODY and _random() < capture.sample:
+            capture.record(body, status, out)
         tally.request(status, _clock() - start)
         return status, cache, out, None
 

@@ -465,6 +465,20 @@ class SegmentStore:
             for key, raw in txn.cursor(db=self._members):
                 yield bytes(key), {names[s]: e for s, e in decode_memberships(raw).items()}
 
+    def identity_keys(self) -> Iterator[bytes]:
+        """Every identity key (``uid:…``, ``domain:…``), in key order; values not read."""
+        with self._env.begin() as txn:
+            for key in txn.cursor(db=self._members).iternext(values=False):
+                yield bytes(key)
+
+    def alias_ids(self) -> Iterator[bytes]:
+        """Every platform user id synced to one of ours (``/uid``), in id order."""
+        if self._aliases is None:
+            return
+        with self._env.begin() as txn:
+            for their in txn.cursor(db=self._aliases).iternext(values=False):
+                yield bytes(their)
+
     def stats(self) -> StoreStats:
         """Scan the store: identities per namespace, members per segment, sizes, age."""
         by_namespace: Counter[str] = Counter()
