@@ -9,7 +9,7 @@ The pipeline runs in worker processes forked once (one per usable core):
    taken as they are to ``snapshot.parse_line``, so errors and semantics are the
    transactional loader's. New segment names are interned in the build environment itself
    (LMDB serialises the workers, ids stay dense). Records are bucketed by key range (bounds
-   sampled from the input) into one file per chunk, an Arrow IPC stream per range.
+   sampled from the input) into one file per chunk, an Arrow IPC message per range.
 2. sort: a worker gathers one key range from every chunk's file, in input order, sorts it
    stably (Arrow) and merges the lines of one key as the loader would (a later expiry
    replaces an earlier one, ``-segment`` removes): only the keys that need it, in Python.
