@@ -34,7 +34,7 @@ from typing import Any, Final
 import msgspec
 
 from enrich_server.config import CaptureConfig
-from enrich_server.keys import request_keys
+from enrich_server.keys import is_zero_ifa, request_keys
 from enrich_server.openrtb import decode
 from enrich_server.privacy import Privacy
 
@@ -49,7 +49,6 @@ _FILE_NAME: Final = re.compile(r"capture-(\d+)-(\d+)\.jsonl")
 _DEVICE_IDS: Final = ("dpidsha1", "dpidmd5", "didsha1", "didmd5", "macsha1", "macmd5")
 _DEVICE_DROPPED: Final = ("ip", "ipv6")
 _GEO_DROPPED: Final = ("lat", "lon")
-_ZERO_IFA_CHARS: Final = "0-"
 _KEY_ID_MESSAGE: Final = b"enrich-server capture key id"
 
 _ENCODER: Final = msgspec.json.Encoder()
@@ -96,7 +95,7 @@ def map_ids(body: dict[str, Any], transform: IdTransform) -> None:
     if device is not None:
         if isinstance(device, dict):
             ifa = device.get("ifa")
-            if not isinstance(ifa, str) or ifa.strip(_ZERO_IFA_CHARS):  # all zeros: nobody
+            if not isinstance(ifa, str) or not is_zero_ifa(ifa):  # all zeros: nobody
                 if isinstance(ifa, str):
                     device["ifa"] = ifa.lower()  # the form its ``ifa:`` key takes
                 _map_field(device, "ifa", transform)

@@ -19,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from enrich_server import keys as keys_module
 from enrich_server.enrich import MAX_SEGMENTS, EnrichEndpoint, read_body
-from enrich_server.keys import request_keys
+from enrich_server.keys import is_zero_ifa, request_keys
 from enrich_server.openrtb import BidRequest, decode, eids, gpids
 from enrich_server.privacy import COPPA, GDPR_DENIED, GDPR_NO_CONSENT, US_PRIVACY
 
@@ -124,7 +124,7 @@ def _skipped(request: BidRequest, user_keys: list[bytes]) -> list[dict[str, str]
             out.append({"field": "device.ifa", "why": "empty"})
         elif device.lmt == 1:
             out.append({"field": "device.ifa", "why": "device.lmt is 1 (limit ad tracking)"})
-        elif not ifa.strip("0-"):
+        elif is_zero_ifa(ifa):
             out.append({"field": "device.ifa", "why": "all zeros (no ad id)"})
         elif not any(k.startswith(b"ifa:") for k in user_keys):
             out.append({"field": "device.ifa", "why": _unusable(ifa)})

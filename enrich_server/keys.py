@@ -26,6 +26,11 @@ MAX_KEY_BYTES = 511
 _ZERO_IFA_CHARS = "0-"
 
 
+def is_zero_ifa(ifa: str) -> bool:
+    """Whether an advertising id is all zeros (and dashes): no ad id, never a key."""
+    return not ifa.strip(_ZERO_IFA_CHARS)
+
+
 def request_keys(request: BidRequest) -> tuple[list[bytes], list[bytes]]:
     """Return the user-level and contextual keys of a request, each in lookup order.
 
