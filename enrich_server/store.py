@@ -2,8 +2,9 @@
 
 Layout (one LMDB environment, a directory holding ``data.mdb``; four named databases):
 
-``meta``           ``format`` → ``1``; ``built_at`` / ``updated_at`` → unix seconds, and
-                   ``generation`` → commits so far (ASCII)
+``meta``           ``format`` → ``1``; ``built_at`` / ``updated_at`` → unix seconds,
+                   ``generation`` → commits so far, and (replicated nodes) ``applied_sequence``
+                   → the last log entry applied (ASCII)
 ``segment_ids``    segment name (UTF-8) → segment id (4 bytes, big-endian)
 ``segment_names``  segment id → segment name; ids are dense from 1 and never reused, so a
                    name cached by a reader stays right for the life of the store
@@ -56,6 +57,7 @@ _DMP_TITLES: Final = b"dmp_titles"
 _APPLIED_FILES: Final = b"applied_files"
 _DMP_DBS: Final = (_ALIASES, _DMP_SEGMENTS, _DMP_TITLES, _APPLIED_FILES)
 _MAX_DBS: Final = 8
+_APPLIED_SEQUENCE: Final = b"applied_sequence"
 _UID_PREFIX: Final = b"uid:"
 _EID_PREFIX: Final = b"eid:"
 
@@ -315,6 +317,11 @@ class SegmentStore:
         """How many writes (loads, deltas) have been committed to the store."""
         with self._env.begin() as txn:
             return int(txn.get(b"generation", b"0", db=self._meta))
+
+    def applied_sequence(self) -> int:
+        """The last replication log entry applied to the store (0: none, or single node)."""
+        with self._env.begin() as txn:
+            return int(txn.get(_APPLIED_SEQUENCE, b"0", db=self._meta))
 
     def identity_count(self) -> int:
         """How many identity keys the store holds (O(1): LMDB keeps the count)."""
@@ -719,6 +726,14 @@ class StoreWriter:
                 deleted += 1
         return removed, deleted
 
+    def applied_sequence(self) -> int:
+        """The last replication log entry applied (0: none), as this transaction sees it."""
+        return int(self._txn.get(_APPLIED_SEQUENCE, b"0", db=self._meta))
+
+    def set_applied_sequence(self, sequence: int) -> None:
+        """Record, in this transaction, that log entries up to ``sequence`` are applied."""
+        self._txn.put(_APPLIED_SEQUENCE, str(sequence).encode(), db=self._meta)
+
     def segment_name(self, sid: int) -> str | None:
         """The name (served string) of segment ``sid``."""
         raw = self._txn.get(_SEGMENT_ID.pack(sid), db=self._names)
@@ -734,8 +749,11 @@ class StoreWriter:
         platform, title, _ = _DMP_SEGMENT_DECODER.decode(raw)
         return platform, title
 
-    def create_dmp_segment(self, platform: int, title: str, key: str | None) -> tuple[int, bool]:
-        """Create the segment ``title`` of ``platform`` (or find it): ``(segment id, created)``.
+    def create_dmp_segment(
+        self, platform: int, title: str, key: str | None, now: int = 0
+    ) -> tuple[int, bool]:
+        """Create the segment ``title`` of ``platform`` (or find it): ``(segment id, created)``,
+        recording ``now`` (default: the clock) as its creation time.
 
         Its served name is ``key``, by default the new id in decimal. Raises
         ``SegmentConflictError`` when that name is already a segment's (an operator's or
@@ -756,7 +774,7 @@ class StoreWriter:
             raise SegmentConflictError(f"segment name {name!r} is {whose} ({taken}){hint}")
         sid = self.intern(name)
         packed = _SEGMENT_ID.pack(sid)
-        record = _VALUE_ENCODER.encode((platform, title, int(time.time())))
+        record = _VALUE_ENCODER.encode((platform, title, now or int(time.time())))
         self._txn.put(packed, record, db=self._dmp_segments)
         self._txn.put(title_key, packed, db=self._dmp_titles)
         return sid, True
