@@ -204,18 +204,13 @@ def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    async def readyz(_: Request) -> JSONResponse:
-        if endpoint.store is None:
-            return JSONResponse({"status": "not ready", "why": "store not open"}, status_code=503)
-        return JSONResponse({"status": "ready"})
-
     async def metrics_endpoint(_: Request) -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     rest = Starlette(
         routes=[
             Route("/healthz", healthz),
-            Route("/readyz", readyz),
+            Route("/readyz", _readyz(config, endpoint, dmp)),
             Route("/metrics", metrics_endpoint),
             Route("/oauth/token", _oauth_token(config, auth), methods=["POST"]),
             *dmp.routes(),
@@ -224,6 +219,38 @@ def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer
     )
     server = EnrichServer(config, endpoint, rest)  # before the lifespan runs, which reads it
     return server
+
+
+def _readyz(
+    config: Config, endpoint: EnrichEndpoint, dmp: DmpApi
+) -> Callable[[Request], Awaitable[JSONResponse]]:
+    """``GET /readyz``: 503 until the store is open and, on a replicated node, until it is
+    within ``[replication] max_lag`` of the stream (DESIGN §8)."""
+
+    async def readyz(_: Request) -> JSONResponse:
+        if endpoint.store is None:
+            return JSONResponse({"status": "not ready", "why": "store not open"}, status_code=503)
+        if config.replicated:
+            return await replication_readiness()
+        return JSONResponse({"status": "ready"})
+
+    async def replication_readiness() -> JSONResponse:
+        status = await dmp.log_status()
+        if status is None:
+            why = "the ingestion process (the replication applier) is not reachable"
+            return JSONResponse({"status": "not ready", "why": why}, status_code=503)
+        fields = {k: status[k] for k in ("applied", "last", "lag_seconds", "connected")}
+        if status["ready"]:
+            return JSONResponse({"status": "ready", **fields})
+        why = status["halted"] or (
+            f"{status['last'] - status['applied']} entries, {status['lag_seconds']:.1f} s behind"
+            " the replication stream"
+            if status["caught_up"]
+            else "catching up with the replication stream"
+        )
+        return JSONResponse({"status": "not ready", "why": why, **fields}, status_code=503)
+
+    return readyz
 
 
 def _oauth_token(

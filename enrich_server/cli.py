@@ -356,8 +356,9 @@ def _terminated(_signum: int, _frame: object) -> None:
 @contextlib.contextmanager
 def _ingestion_process(config: Config) -> Iterator[str | None]:
     """Run the ingestion process (``ingestd``, supervised) while the block runs, when
-    platforms are configured; yields its socket path. Fails clearly when it cannot start."""
-    if not config.platforms:
+    platforms are configured, or the node is replicated (its applier runs there); yields its
+    socket path. Fails clearly when it cannot start."""
+    if not config.platforms and not config.replicated:
         yield None
         return
     with owned_tempdir(INGEST_PREFIX) as folder:

@@ -113,6 +113,23 @@ def _durability(value: str) -> str | None:
     return None if value in DURABILITY else f"must be one of {', '.join(DURABILITY)}"
 
 
+def _nats_urls(value: tuple[str, ...]) -> str | None:
+    if any(not url.startswith(("nats://", "tls://")) or len(url) <= 7 for url in value):
+        return "must be nats:// or tls:// URLs"
+    return None
+
+
+def _stream_name(value: str) -> str | None:
+    # JetStream names: no whitespace, no subject tokens (. * >), no path separators.
+    if not value or any(c in value for c in " \t.*>/\\") or len(value) > 32:
+        return "must be 1-32 characters without spaces, '.', '*', '>' or slashes"
+    return None
+
+
+def _stream_replicas(value: int) -> str | None:
+    return None if 1 <= value <= 5 else "must be 1-5 (JetStream's limit)"
+
+
 def _nice(value: int) -> str | None:
     return None if 0 <= value <= 19 else "must be between 0 and 19"
 
@@ -318,6 +335,28 @@ class DmpConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicationConfig:
+    """``[replication]``: several equal nodes fed by one NATS JetStream log (DESIGN §8).
+
+    Without ``nats`` the node is a single node: its log is the local ingestion process.
+    """
+
+    nats: tuple[str, ...] = _opt(
+        (), "NATS server URLs (nats://host:port); empty = single node", _nats_urls
+    )
+    stream: str = _opt("ENRICH", "JetStream stream holding the log of DMP entries", _stream_name)
+    replicas: int = _opt(
+        1, "copies of the stream JetStream keeps (created with it): 3 on a 3-node cluster",
+        _stream_replicas,
+    )  # fmt: skip
+    max_lag: float = _opt(5.0, "seconds behind the stream before /readyz answers 503", _seconds)
+    publish_timeout: float = _opt(
+        2.0, "how long a DMP write waits for JetStream's acknowledgement before its 503",
+        _seconds,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
 class PlatformConfig:
     """``[[platform]]``: one DMP or exchange that syncs users with us or pushes audiences.
 
@@ -351,7 +390,13 @@ class Config:
     dmp: DmpConfig = field(default_factory=DmpConfig)
     ortb: OrtbConfig = field(default_factory=OrtbConfig)
     rtc: RtcConfig = field(default_factory=RtcConfig)
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     platforms: tuple[PlatformConfig, ...] = ()
+
+    @property
+    def replicated(self) -> bool:
+        """Whether the node's log is a JetStream stream (``[replication] nats`` set)."""
+        return bool(self.replication.nats)
 
     def platform(self, platform_id: int) -> PlatformConfig | None:
         """The platform with id ``platform_id``, if configured."""
@@ -371,6 +416,7 @@ _SECTIONS: Final[dict[str, tuple[str, type[Any]]]] = {
     "dmp": ("dmp", DmpConfig),
     "ortb": ("ortb", OrtbConfig),
     "rtc": ("rtc", RtcConfig),
+    "replication": ("replication", ReplicationConfig),
 }
 #: The TOML array of tables holding the platforms, and the prefix of their variables.
 PLATFORM_TABLE: Final = "platform"
@@ -513,9 +559,15 @@ def load_config(
         **{attr: cls(**values[name]) for name, (attr, cls) in _SECTIONS.items()},
         platforms=platforms,
     )
+    _check_sections(config, bool(values["replication"]))
+    return config
+
+
+def _check_sections(config: Config, replication_given: bool) -> None:
     _check_paths(config)
     _check_capture(config.capture)
-    return config
+    if replication_given and not config.replicated:
+        raise ConfigError("[replication] needs nats (the NATS URLs); without it, leave it out")
 
 
 def _check_paths(config: Config) -> None:

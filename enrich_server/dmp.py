@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Final, Literal
@@ -113,20 +113,23 @@ class Applied:
     ops: Counter[str]
 
 
-def apply_batch(
-    writer: StoreWriter,
+Planned = list[tuple[bytes, int, bool, int]]
+
+
+def plan_batch(
+    owner_of: Callable[[int], int | None],
     platform: int,
     default_ttl: int,
     items: Sequence[Mutation | str],
-    now: int = 0,
-) -> Applied:
-    """Validate ``items`` against the store (each segment must be the platform's own), then
-    apply them all, in key order; raises ``BatchError`` (nothing written) listing every bad
-    item, the malformed ones (``decode_batch``'s strings) included."""
-    now = now or int(time.time())
+    now: int,
+) -> Planned:
+    """Validate ``items`` (each segment must be the platform's own: ``owner_of(segment)`` is
+    the platform owning it, ``None`` for none) into ``(key, segment, add, expires)`` in key
+    order; raises ``BatchError`` listing every bad item, the malformed ones (``decode_batch``'s
+    strings) included."""
     problems: list[str] = []
     owned: dict[int, bool] = {}
-    planned: list[tuple[bytes, int, bool, int]] = []
+    planned: Planned = []
     default_expires = now + default_ttl if default_ttl else 0
     plan = planned.append
     for index, item in enumerate(items):
@@ -136,8 +139,7 @@ def apply_batch(
         sid = item.segment
         mine = owned.get(sid)
         if mine is None:
-            owner = writer.dmp_segment(sid)
-            mine = owned[sid] = owner is not None and owner[0] == platform
+            mine = owned[sid] = owner_of(sid) == platform
         if not mine:
             problems.append(f"item {index}: segment {sid} is not a segment of this platform")
             continue
@@ -160,6 +162,24 @@ def apply_batch(
     # Neighbouring keys share B-tree pages: fewer pages touched per commit. A stable sort
     # on the key alone keeps a user's own mutations in the order they were sent.
     planned.sort(key=itemgetter(0))
+    return planned
+
+
+def apply_batch(
+    writer: StoreWriter,
+    platform: int,
+    default_ttl: int,
+    items: Sequence[Mutation | str],
+    now: int = 0,
+) -> Applied:
+    """Validate ``items`` against the store (``plan_batch``, inside the write transaction),
+    then apply them all, in key order; raises ``BatchError`` with nothing written."""
+
+    def owner_of(sid: int) -> int | None:
+        owner = writer.dmp_segment(sid)
+        return None if owner is None else owner[0]
+
+    planned = plan_batch(owner_of, platform, default_ttl, items, now or int(time.time()))
     adds = 0
     for key, sid, add, expires in planned:
         if add:

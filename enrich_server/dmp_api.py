@@ -116,6 +116,16 @@ class DmpApi:
         self._ingest = IngestClient(ingest_socket, config.dmp.max_body) if ingest_socket else None
         self._openapi = openapi_document(config)
 
+    async def log_status(self) -> dict[str, Any] | None:
+        """Where the node stands in its write log (``IngestClient.status``); ``None`` when
+        the ingestion process is not running or not reachable."""
+        if self._ingest is None:
+            return None
+        try:
+            return await self._ingest.status()
+        except StoreError:
+            return None
+
     def close(self) -> None:
         """Close the connections to the ingestion process."""
         if self._ingest is not None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import multiprocessing
 import multiprocessing.process
@@ -25,6 +27,7 @@ import signal
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -34,12 +37,23 @@ import msgspec
 import uvloop
 
 from enrich_server import config as config_module
+from enrich_server import entries
 from enrich_server.config import Config
-from enrich_server.dmp import Applied, BatchError, Mutation, apply_batch, decode_batch
+from enrich_server.dmp import BatchError, Mutation
+from enrich_server.entries import (
+    CLEAN_ERRORS,
+    CreateSegment,
+    DeleteSegment,
+    Entry,
+    Mutations,
+    SyncAlias,
+    mutations,
+)
 from enrich_server.errors import SegmentConflictError, StoreError
 from enrich_server.generations import StoreFollower
+from enrich_server.jetstream import JetStreamLog
 from enrich_server.log import setup_logging
-from enrich_server.store import SegmentStore, StoreWriter, store_dir
+from enrich_server.store import SegmentStore, store_dir
 from enrich_server.sync import ReplayGuard
 from enrich_server.writes import WriteQueue
 
@@ -56,8 +70,8 @@ FLUSH_SECONDS: Final = 1.0
 RESTART_SECONDS: Final = 1.0
 #: Frames above this are refused: the largest ingestion body plus room for the envelope.
 _FRAME_SLACK: Final = 4096
-
-Job = Callable[[StoreWriter], Any]
+#: The op asking where the node stands in its log (``IngestClient.status``).
+STATUS_OP: Final = "status"
 
 
 async def read_frame(reader: asyncio.StreamReader, limit: int) -> Any:
@@ -120,6 +134,12 @@ class IngestClient:
             raise ReplayError(message)
         raise StoreError(message)
 
+    async def status(self) -> dict[str, Any]:
+        """Where the node stands in its log: ``ready``, ``applied``, and when replicated the
+        stream's ``last`` sequence, ``lag_seconds``, ``connected``, ``halted``, counts."""
+        result: dict[str, Any] = await self.call(STATUS_OP)
+        return result
+
     def close(self) -> None:
         """Close the pooled connections."""
         for _, writer in self._idle:
@@ -127,49 +147,35 @@ class IngestClient:
         self._idle.clear()
 
 
-def _applied(result: Applied) -> list[Any]:
-    return [result.count, dict(result.ops)]
-
-
-def _delete(writer: StoreWriter, platform: int, sid: int) -> int:
-    """Delete the platform's segment ``sid``: ownership checked again inside the transaction
-    (the worker checked it on its read view, which may be a moment old)."""
-    owner = writer.dmp_segment(sid)
-    if owner is None or owner[0] != platform:
-        return 0
-    return writer.delete_dmp_segment(sid)
-
-
-class _Writer:
-    """The ops the workers may ask for, each a job for the write queue."""
+class _Ops:
+    """The ops the workers may ask for, each turned into a log entry (``entries``)."""
 
     def __init__(self, config: Config) -> None:
         self._config = config
         self._ttl = {p.id: p.ttl for p in config.platforms}
         self._replays = ReplayGuard(config.dmp.signature_window)
 
-    def job(self, op: str, args: list[Any]) -> Job:
+    def entry(self, op: str, args: list[Any]) -> Entry:
+        now = int(time.time())
         if op == "batch":
             platform, body = args
-            max_items = self._config.dmp.max_batch
-            ttl = self._ttl[platform]
-            return lambda w: _applied(apply_batch(w, platform, ttl, decode_batch(body, max_items)))
+            return mutations(platform, self._ttl[platform], body, self._config.dmp.max_batch, now)
         if op == "single":
             platform, fields = args
-            item = msgspec.convert(fields, Mutation)
-            ttl = self._ttl[platform]
-            return lambda w: _applied(apply_batch(w, platform, ttl, [item]))
+            return Mutations(
+                platform, self._ttl[platform], now, [msgspec.convert(fields, Mutation)]
+            )
         if op == "create":
             platform, title, key = args
-            return lambda w: list(w.create_dmp_segment(platform, title, key))
+            return CreateSegment(platform, title, key, now)
         if op == "delete":
             platform, sid = args
-            return lambda w: _delete(w, platform, sid)
+            return DeleteSegment(platform, sid)
         if op == "alias":
             their, ours, signature = args
             if signature and not self._replays.first_use(signature):
                 raise ReplayError("signature already used")
-            return lambda w: w.map_alias(their, ours)
+            return SyncAlias(their, ours)
         raise ValueError(f"unknown op {op!r}")
 
 
@@ -191,7 +197,8 @@ async def _serve(config: Config, socket_path: str, parent: int, ready: Event) ->
     root = Path(config.server.store)
     # The store follows replaces like the workers' does: checked before each transaction,
     # and again once it holds the write lock (a replace published meanwhile retries it).
-    fsync = config.dmp.durability == "fsync"
+    # A replicated node does not fsync its commits: the stream is the durable record.
+    fsync = config.dmp.durability == "fsync" and not config.replicated
     follower = StoreFollower(root, writable=True, sync=fsync)
 
     # A swap closes the old store: never while the flush thread syncs it.
@@ -205,10 +212,15 @@ async def _serve(config: Config, socket_path: str, parent: int, ready: Event) ->
     def is_current(store: SegmentStore) -> bool:
         return store_dir(root) == store.directory
 
-    queue = WriteQueue(
-        current, clean_errors=(BatchError, SegmentConflictError), is_current=is_current
-    )
-    writer_ops = _Writer(config)
+    queue = WriteQueue(current, clean_errors=CLEAN_ERRORS, is_current=is_current)
+    replicated = JetStreamLog(config.replication, current, queue.run) if config.replicated else None
+
+    async def submit(entry: Entry) -> Any:
+        if replicated is not None:
+            return await replicated.submit(entry)
+        return await queue.run(lambda writer: entries.apply(writer, entry))
+
+    ops = _Ops(config)
     limit = config.dmp.max_body + _FRAME_SLACK
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -219,41 +231,65 @@ async def _serve(config: Config, socket_path: str, parent: int, ready: Event) ->
                 except (asyncio.IncompleteReadError, ConnectionError, ValueError):
                     return
                 try:
-                    job = writer_ops.job(request[0], request[1:])
-                    result = await queue.run(job)
+                    if request[0] == STATUS_OP:
+                        result = _status(config, replicated, follower.store)
+                    else:
+                        result = await submit(ops.entry(request[0], request[1:]))
                     reply: list[Any] = ["ok", result]
                 except Exception as exc:  # every failure goes back to the worker that asked
                     reply = _error_reply(exc)
                 writer.write(frame(reply))
 
+    if replicated is not None:
+        await replicated.start()
     server = await asyncio.start_unix_server(handle, socket_path, limit=limit)
     os.chmod(socket_path, 0o600)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
     # Logged before the parent is told: tests (and operators) read the pid from this line.
     log.info(
         "ingestion process ready",
         extra={"pid": os.getpid(), "store": str(root), "socket": socket_path},
     )
     ready.set()
-    flushed = loop.time()
     try:
-        while not stopping.is_set() and os.getppid() == parent:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), PARENT_CHECK_SECONDS)
-            if not fsync and loop.time() - flushed >= FLUSH_SECONDS:
-                flushed = loop.time()
-                await asyncio.to_thread(_flush, follower, swap)
+        await _until_stopped(parent, None if fsync else functools.partial(_flush, follower, swap))
     finally:
         server.close()
+        if replicated is not None:
+            await replicated.close()
         queue.close()  # finishes what was queued: those writes commit
         if not fsync:
             _flush(follower, swap)
         follower.close()
         _remove_if_orphaned(socket_path, parent)
         log.info("ingestion process stopped", extra={"pid": os.getpid()})
+
+
+async def _until_stopped(parent: int, flush: Callable[[], None] | None) -> None:
+    """Until SIGTERM/SIGINT, or ``serve`` is gone; ``flush`` (commits not fsynced) runs every
+    ``FLUSH_SECONDS`` meanwhile."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    flushed = loop.time()
+    while not stopping.is_set() and os.getppid() == parent:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), PARENT_CHECK_SECONDS)
+        if flush is not None and loop.time() - flushed >= FLUSH_SECONDS:
+            flushed = loop.time()
+            await asyncio.to_thread(flush)
+
+
+def _status(config: Config, replicated: JetStreamLog | None, store: SegmentStore) -> Any:
+    """What ``IngestClient.status`` returns: the node's place in its log."""
+    if replicated is None:
+        return {"replicated": False, "ready": True, "applied": store.applied_sequence()}
+    status = replicated.status
+    return {
+        "replicated": True,
+        "ready": status.ready(config.replication.max_lag),
+        **dataclasses.asdict(status),
+    }
 
 
 def _remove_if_orphaned(socket_path: str, parent: int) -> None:

@@ -1,0 +1,127 @@
+"""The entries of the write log: what a DMP call becomes once validated, and how one is
+applied to a store.
+
+Every DMP state change is one entry, whichever log carries it (the local ingestion process,
+or a JetStream stream shared by several nodes, DESIGN §8). An entry carries everything its
+application needs (the platform's TTL, the clock reading), so applying the same entries in
+the same order gives the same store on every node: nothing is read from the configuration or
+the clock at apply time. ``apply`` refuses an entry only with one of ``CLEAN_ERRORS``, raised
+before it wrote anything, so a refused entry does not spoil the others of its transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+import msgspec
+
+from enrich_server.dmp import BatchError, Mutation, apply_batch, decode_batch, plan_batch
+from enrich_server.errors import SegmentConflictError
+from enrich_server.store import SegmentStore, StoreWriter
+
+
+class Mutations(msgspec.Struct, tag="mutations", array_like=True, frozen=True):
+    """Adds and removes of one platform (a micro-batch, or a single ``?id=&userid=``)."""
+
+    platform: int
+    ttl: int  # the platform's default TTL when the entry was made
+    now: int  # unix seconds the expiries count from
+    items: list[Mutation | str]  # a string: why that item is malformed (refused on apply)
+
+
+class CreateSegment(msgspec.Struct, tag="create", array_like=True, frozen=True):
+    """``POST /v1/segment?title=[&key=]``: idempotent per platform and title."""
+
+    platform: int
+    title: str
+    key: str | None
+    now: int
+
+
+class DeleteSegment(msgspec.Struct, tag="delete", array_like=True, frozen=True):
+    """``DELETE /v1/segment/{id}``: a platform's own segment, with its memberships."""
+
+    platform: int
+    segment: int
+
+
+class SyncAlias(msgspec.Struct, tag="alias", array_like=True, frozen=True):
+    """``/uid``: a platform's user id (``their``) is our user ``ours``."""
+
+    their: bytes
+    ours: bytes
+
+
+Entry = Mutations | CreateSegment | DeleteSegment | SyncAlias
+#: What ``apply`` may refuse an entry with, having written nothing of it.
+CLEAN_ERRORS: Final = (BatchError, SegmentConflictError)
+#: One outcome per entry: its result, or the clean error that refused it.
+Outcome = tuple[Any, BatchError | SegmentConflictError | None]
+
+_ENCODER: Final = msgspec.msgpack.Encoder()
+_DECODER: Final = msgspec.msgpack.Decoder(Entry)
+
+
+def kind(entry: Entry) -> str:
+    """The entry's kind, as its encoding tags it (``mutations``, ``create``, ...)."""
+    tag: str = entry.__struct_config__.tag  # type: ignore[assignment]
+    return tag
+
+
+def encode(entry: Entry) -> bytes:
+    """The entry as the log carries it (msgpack)."""
+    return _ENCODER.encode(entry)
+
+
+def decode(data: bytes) -> Entry:
+    """Inverse of ``encode``; raises ``msgspec.DecodeError`` for anything else."""
+    return _DECODER.decode(data)
+
+
+def mutations(platform: int, ttl: int, body: bytes, max_items: int, now: int) -> Mutations:
+    """A micro-batch body as an entry; raises ``BatchError`` when the body itself is wrong
+    (its items are checked by ``check`` or on apply)."""
+    return Mutations(platform, ttl, now, decode_batch(body, max_items))
+
+
+def check(view: SegmentStore, entry: Entry) -> None:
+    """Refuse, before it is published, an entry the store as ``view`` sees it would refuse
+    (``BatchError``): a bad batch gets its 400 and never reaches the log. Applying re-checks
+    inside the write transaction, since the view may be a moment old."""
+    if isinstance(entry, Mutations):
+
+        def owner_of(sid: int) -> int | None:
+            segment = view.dmp_segment(sid)
+            return None if segment is None else segment.platform
+
+        plan_batch(owner_of, entry.platform, entry.ttl, entry.items, entry.now)
+
+
+def apply(writer: StoreWriter, entry: Entry) -> Any:
+    """Apply one entry in ``writer``'s transaction; returns what its caller is answered
+    (msgpack-able), or raises one of ``CLEAN_ERRORS`` having written nothing."""
+    if isinstance(entry, Mutations):
+        applied = apply_batch(writer, entry.platform, entry.ttl, entry.items, entry.now)
+        return [applied.count, dict(applied.ops)]
+    if isinstance(entry, CreateSegment):
+        return list(writer.create_dmp_segment(entry.platform, entry.title, entry.key, entry.now))
+    if isinstance(entry, DeleteSegment):
+        # Ownership checked again inside the transaction: the caller checked it on a view.
+        owner = writer.dmp_segment(entry.segment)
+        if owner is None or owner[0] != entry.platform:
+            return 0
+        return writer.delete_dmp_segment(entry.segment)
+    writer.map_alias(entry.their, entry.ours)
+    return None
+
+
+def apply_all(writer: StoreWriter, entries: Sequence[Entry]) -> list[Outcome]:
+    """Apply ``entries`` in order in one transaction; a refused one is skipped, not fatal."""
+    outcomes: list[Outcome] = []
+    for entry in entries:
+        try:
+            outcomes.append((apply(writer, entry), None))
+        except CLEAN_ERRORS as refused:
+            outcomes.append((None, refused))
+    return outcomes

@@ -1,0 +1,351 @@
+"""The replicated log: DMP entries on a NATS JetStream stream, and this node's applier.
+
+Runs in the ingestion process of a node with ``[replication] nats`` (DESIGN §8). A write is
+published with a ``Nats-Msg-Id`` (JetStream drops a second copy within its duplicate window)
+and answered once JetStream acknowledged it and this node's applier applied it. The applier
+consumes the stream in order from the store's own ``applied_sequence`` + 1 (an ordered
+consumer: ephemeral, flow-controlled, nothing to clean up on the server), applies what has
+arrived in one write transaction and records the last sequence in that same transaction: an
+entry is applied exactly once whatever crashes, and after one the node resumes where its
+store says. Commits are not fsynced: the stream is the durable record.
+
+A sequence that does not follow the last applied one (the stream's first entries expired, or
+were deleted) stops the applier rather than skip entries: the node then reports itself not
+ready. NATS unreachable: writes answer 503 at once; the connection retries with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from enrich_server import entries
+from enrich_server.config import ReplicationConfig
+from enrich_server.entries import Entry, Outcome
+from enrich_server.errors import StoreError
+from enrich_server.store import SegmentStore, StoreWriter
+
+log = logging.getLogger(__name__)
+
+#: The subject under the stream's name that entries are published on.
+SUBJECT_SUFFIX: Final = ".entries"
+#: JetStream's deduplication window: a publish retried within it is stored once.
+DUPLICATE_WINDOW_SECONDS: Final = 120.0
+#: Most entries applied in one transaction: bounds how long one commit holds the write lock.
+MAX_GROUP: Final = 512
+#: Received entries held before the subscription stops taking more (flow control then
+#: holds the rest on the server).
+MAX_BUFFERED: Final = 4 * MAX_GROUP
+#: How long a write waits for this node's applier after JetStream's acknowledgement.
+APPLY_WAIT_SECONDS: Final = 10.0
+#: Between two looks at the stream's last sequence (the lag).
+STATUS_SECONDS: Final = 1.0
+_BACKOFF_SECONDS: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+_MSG_ID: Final = "Nats-Msg-Id"
+
+Run = Callable[[Callable[[StoreWriter], Any]], Any]
+
+
+@dataclass(slots=True)
+class Status:
+    """Where this node stands against the stream (``ingestd``'s ``status`` op)."""
+
+    connected: bool = False
+    applied: int = 0  # last stream sequence applied to the store
+    last: int = 0  # the stream's last sequence, as last seen
+    lag_seconds: float = 0.0
+    caught_up: bool = False  # reached the stream's end once since it started
+    halted: str = ""  # why the applier stopped (a gap): never cleared without an operator
+    applied_by_kind: dict[str, int] | None = None
+    publish_failures: int = 0
+
+    def ready(self, max_lag: float) -> bool:
+        """Whether the node may take traffic: caught up once, within ``max_lag`` while
+        connected. A NATS outage leaves it ready: the store still serves, and no node can
+        write meanwhile."""
+        if self.halted or not self.caught_up:
+            return False
+        return not self.connected or self.lag_seconds <= max_lag
+
+
+class JetStreamLog:
+    """Publishes entries and applies the stream to the store (``start``, then ``submit``)."""
+
+    def __init__(
+        self, config: ReplicationConfig, view: Callable[[], SegmentStore], run: Run
+    ) -> None:
+        """``view``: the store as it is now; ``run``: runs a write job on the store's writer
+        thread (``WriteQueue.run``), returning its result once committed."""
+        self._config = config
+        self._subject = config.stream + SUBJECT_SUFFIX
+        self._view = view
+        self._run = run
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._waiters: dict[str, asyncio.Future[Outcome]] = {}
+        self._received: list[Msg] = []
+        self._arrived = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._behind_since = 0.0
+        self._resubscribe = False
+        self.status = Status(applied_by_kind={})
+
+    async def start(self) -> None:
+        """Connect (retrying in the background until NATS answers) and start applying."""
+        self.status.applied = self._view().applied_sequence()
+        self._tasks.append(asyncio.create_task(self._connect_and_apply()))
+
+    async def close(self) -> None:
+        """Stop applying and close the connection; waiting writes get a ``StoreError``."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for future in self._waiters.values():
+            if not future.done():
+                future.set_exception(StoreError("the node is shutting down"))
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+
+    async def submit(self, entry: Entry) -> Any:
+        """Validate, publish and wait until applied here; returns the entry's result or
+        raises its clean error. ``StoreError`` when NATS did not acknowledge it."""
+        entries.check(self._view(), entry)
+        js = self._js
+        if js is None or self._nc is None or not self._nc.is_connected:
+            self.status.publish_failures += 1
+            raise StoreError("the replication log (NATS) is not reachable: nothing acknowledged")
+        msg_id = uuid.uuid4().hex
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._waiters[msg_id] = future
+        try:
+            try:
+                await js.publish(
+                    self._subject,
+                    entries.encode(entry),
+                    timeout=self._config.publish_timeout,
+                    stream=self._config.stream,
+                    headers={_MSG_ID: msg_id},
+                )
+            except (TimeoutError, nats.errors.Error) as exc:
+                self.status.publish_failures += 1
+                raise StoreError(
+                    f"the replication log (NATS) did not acknowledge the write: {exc!r}"
+                ) from None
+            try:
+                result, refused = await asyncio.wait_for(future, APPLY_WAIT_SECONDS)
+            except TimeoutError:
+                raise StoreError(
+                    "the write is in the replication log but this node has not applied it"
+                    f" within {APPLY_WAIT_SECONDS:g} s: it will be"
+                ) from None
+        finally:
+            self._waiters.pop(msg_id, None)
+        if refused is not None:
+            raise refused
+        return result
+
+    async def _connect_and_apply(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._connect()
+                attempt = 0
+                await self._apply_forever()
+                continue  # reconnected: subscribe again from the store's sequence
+            except asyncio.CancelledError:
+                raise
+            except _HaltedError as exc:
+                self.status.halted = str(exc)
+                log.error("replication applier halted", extra={"error": str(exc)})
+                return
+            except Exception as exc:  # NATS or the store: retried with backoff
+                log.warning(
+                    "replication log unavailable; retrying",
+                    extra={"error": repr(exc), "attempt": attempt},
+                )
+            await asyncio.sleep(_BACKOFF_SECONDS[min(attempt, len(_BACKOFF_SECONDS) - 1)])
+            attempt += 1
+
+    async def _connect(self) -> None:
+        if self._nc is None or self._nc.is_closed:
+            self._nc = await nats.connect(
+                servers=list(self._config.nats),
+                name="enrich-server",
+                connect_timeout=2,
+                reconnect_time_wait=0.5,
+                max_reconnect_attempts=-1,
+                disconnected_cb=self._disconnected,
+                reconnected_cb=self._reconnected,
+                error_cb=self._error,
+            )
+            self._js = self._nc.jetstream()
+        self.status.connected = self._nc.is_connected
+        assert self._js is not None
+        try:
+            await self._js.stream_info(self._config.stream)
+        except nats.js.errors.NotFoundError:
+            await self._js.add_stream(
+                name=self._config.stream,
+                subjects=[self._subject],
+                storage=api.StorageType.FILE,
+                num_replicas=self._config.replicas,
+                duplicate_window=DUPLICATE_WINDOW_SECONDS,
+            )
+            log.info("replication stream created", extra={"stream": self._config.stream})
+
+    async def _disconnected(self) -> None:
+        self.status.connected = False
+        log.warning("replication log disconnected")
+
+    async def _reconnected(self) -> None:
+        # The server may have restarted and lost the ephemeral consumer: start afresh.
+        self.status.connected = True
+        self._resubscribe = True
+        self._arrived.set()
+        log.info("replication log reconnected")
+
+    async def _error(self, exc: Exception) -> None:
+        log.warning("replication log error", extra={"error": repr(exc)})
+
+    async def _apply_forever(self) -> None:
+        assert self._js is not None
+        start = self._view().applied_sequence() + 1
+        self.status.applied = start - 1
+        info = await self._js.stream_info(self._config.stream)
+        first = info.state.first_seq
+        if info.state.messages and first > start:
+            raise _HaltedError(
+                f"the stream's first entry is {first} but the store applied only up to"
+                f" {start - 1}: entries in between are gone; restore a checkpoint"
+            )
+        self._note_last(info.state.last_seq)
+        self._received.clear()
+        self._resubscribe = False
+        sub = await self._js.subscribe(
+            self._subject,
+            stream=self._config.stream,
+            ordered_consumer=True,
+            cb=self._take,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            config=api.ConsumerConfig(opt_start_seq=start),
+        )
+        status_task = asyncio.create_task(self._watch_stream())
+        try:
+            while not self._resubscribe:
+                if not self._received:
+                    self._arrived.clear()
+                    await self._arrived.wait()
+                    continue
+                group, self._received = (
+                    self._received[:MAX_GROUP],
+                    self._received[MAX_GROUP:],
+                )
+                self._drained.set()
+                await self._apply_group(group)
+        finally:
+            status_task.cancel()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _take(self, msg: Msg) -> None:
+        """The subscription's callback: buffer, and hold it back when the applier lags."""
+        while len(self._received) >= MAX_BUFFERED:
+            self._drained.clear()
+            await self._drained.wait()
+        self._received.append(msg)
+        self._arrived.set()
+
+    async def _apply_group(self, group: list[Msg]) -> None:
+        batch: list[tuple[int, str | None, Entry]] = []
+        expected = self.status.applied + 1
+        for msg in group:
+            sequence = msg.metadata.sequence.stream
+            if sequence < expected:  # a redelivery after a consumer reset: already applied
+                continue
+            if sequence != expected:
+                raise _HaltedError(
+                    f"entry {sequence} arrived after {expected - 1}: entries in between are"
+                    " missing from the stream; restore a checkpoint"
+                )
+            try:
+                entry = entries.decode(msg.data)
+            except msgspec.DecodeError as exc:
+                raise _HaltedError(
+                    f"entry {sequence} is not an entry this version reads: {exc}"
+                ) from None
+            batch.append((sequence, (msg.headers or {}).get(_MSG_ID), entry))
+            expected += 1
+        if not batch:
+            return
+        last = batch[-1][0]
+
+        def job(writer: StoreWriter) -> list[Outcome] | None:
+            if writer.applied_sequence() >= last:  # applied by an earlier run of this node
+                return None
+            done = writer.applied_sequence()
+            outcomes = entries.apply_all(writer, [e for s, _, e in batch if s > done])
+            writer.set_applied_sequence(last)
+            return outcomes
+
+        outcomes = await self._run(job)
+        self.status.applied = last
+        kinds = self.status.applied_by_kind
+        assert kinds is not None
+        for _, _, entry in batch:
+            kinds[entries.kind(entry)] = kinds.get(entries.kind(entry), 0) + 1
+        if outcomes is None:
+            return
+        for (_, msg_id, _), outcome in zip(
+            batch[len(batch) - len(outcomes) :], outcomes, strict=True
+        ):
+            future = self._waiters.get(msg_id or "")
+            if future is not None and not future.done():
+                future.set_result(outcome)
+        self._update_lag()
+
+    async def _watch_stream(self) -> None:
+        assert self._js is not None
+        while True:
+            await asyncio.sleep(STATUS_SECONDS)
+            try:
+                info = await self._js.stream_info(self._config.stream)
+            except (TimeoutError, nats.errors.Error):
+                continue
+            self._note_last(info.state.last_seq)
+
+    def _note_last(self, last: int) -> None:
+        self.status.last = max(self.status.last, last)
+        self._update_lag()
+
+    def _update_lag(self) -> None:
+        now = time.monotonic()
+        if self.status.applied >= self.status.last:
+            self._behind_since = 0.0
+            self.status.lag_seconds = 0.0
+            self.status.caught_up = True
+            return
+        if not self._behind_since:
+            self._behind_since = now
+        self.status.lag_seconds = now - self._behind_since
+
+
+class _HaltedError(Exception):
+    """The stream cannot be applied from here on without skipping entries."""

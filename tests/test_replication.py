@@ -1,0 +1,204 @@
+"""Replicated mode over real processes: a nats-server with JetStream and three ``serve``
+nodes, each with its own LMDB store (DESIGN §8)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+
+from tests.conftest import StoreFactory
+from tests.nats import NatsServer, run_nats
+from tests.utils import RunningServer, run_server
+
+PLATFORM = """
+[enrich.auth]
+header = "X-Api-Key"
+tokens = ["index-token"]
+
+[[platform]]
+id = 99999
+name = "mapp"
+basic = "foo:bar"
+ttl = 0
+"""
+MAPP = ("foo", "bar")
+ENRICH_HEADERS = {"X-Api-Key": "index-token"}
+SNAPSHOT = "uid:someone\toperator_segment\n"
+
+
+def _config(tmp_path: Path, name: str, nats: NatsServer) -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f'{PLATFORM}\n[replication]\nnats = ["{nats.url}"]\nmax_lag = 2.0\n')
+    return path
+
+
+@contextlib.contextmanager
+def _nodes(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer, count: int = 3
+) -> Iterator[list[RunningServer]]:
+    with contextlib.ExitStack() as stack:
+        nodes = [
+            stack.enter_context(
+                run_server(make_store(SNAPSHOT), "--config", str(_config(tmp_path, f"n{i}", nats)))
+            )
+            for i in range(count)
+        ]
+        yield nodes
+
+
+@pytest.fixture
+def nats(tmp_path: Path) -> Iterator[NatsServer]:
+    with run_nats(tmp_path / "nats") as server:
+        yield server
+
+
+def _segments_of(node: RunningServer, user: str) -> list[str]:
+    body = json.dumps({"user": {"id": user}})
+    answer = httpx.post(f"{node.url}/enrich", content=body, headers=ENRICH_HEADERS, timeout=5)
+    assert answer.status_code == 200
+    return sorted(answer.json()["segment_ids"])
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the propagation bound"
+        time.sleep(0.02)
+
+
+def _serves(node: RunningServer, user: str, segments: list[str]) -> Callable[[], bool]:
+    return lambda: _segments_of(node, user) == segments
+
+
+def _applied(node: RunningServer, sequence: int) -> Callable[[], bool]:
+    return lambda: _ready(node).get("applied") == sequence
+
+
+def _create(node: RunningServer, title: str) -> int:
+    answer = httpx.post(f"{node.url}/v1/segment", params={"title": title}, auth=MAPP, timeout=15)
+    assert answer.status_code == 200, answer.text
+    sid: int = answer.json()["segment_id"]
+    return sid
+
+
+def _push(node: RunningServer, items: list[dict[str, object]]) -> httpx.Response:
+    return httpx.post(f"{node.url}/v1/segment", content=json.dumps(items), auth=MAPP, timeout=15)
+
+
+def _listing(node: RunningServer) -> list[tuple[int, str]]:
+    answer = httpx.get(f"{node.url}/v1/segment", auth=MAPP, timeout=5)
+    assert answer.status_code == 200
+    return sorted((s["segment_id"], s["title"]) for s in answer.json()["segments"])
+
+
+def _ready(node: RunningServer) -> dict[str, object]:
+    answer: dict[str, object] = httpx.get(f"{node.url}/readyz", timeout=5).json()
+    return answer
+
+
+def test_a_push_to_one_node_is_served_by_the_others(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    with _nodes(tmp_path, make_store, nats) as (a, b, c):
+        sid = _create(a, "Sports")
+        pushed = _push(a, [{"segment": sid, "userid": f"user-{i}"} for i in range(50)])
+        assert pushed.status_code == 200, pushed.text
+        assert pushed.json()["applied"] == 50
+        # The receiving node serves the change on its next request...
+        assert _segments_of(a, "user-7") == [str(sid)]
+        # ... the others within the propagation bound.
+        for node in (b, c):
+            _eventually(_serves(node, "user-49", [str(sid)]))
+            assert _segments_of(node, "someone") == ["operator_segment"]
+        removed = _push(a, [{"segment": sid, "userid": "user-7", "op": "remove"}])
+        assert removed.status_code == 200
+        _eventually(lambda: _segments_of(c, "user-7") == [])
+        # Each node reports the same applied sequence once caught up: 1 create + 2 batches.
+        for node in (a, b, c):
+            _eventually(_applied(node, 3))
+            assert _ready(node)["status"] == "ready"
+
+
+def test_segments_created_on_two_nodes_at_once_get_distinct_ids_everywhere(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    with _nodes(tmp_path, make_store, nats) as (a, b, c):
+        titles = [(a if i % 2 else b, f"title-{i}") for i in range(20)]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            ids = list(pool.map(lambda pair: _create(*pair), titles))
+        assert len(set(ids)) == 20  # two creations never share an id
+        expected = sorted(zip(ids, (t for _, t in titles), strict=True))
+        _eventually(lambda: all(_listing(n) == expected for n in (a, b, c)))
+
+
+def test_a_bad_batch_is_refused_before_it_is_published(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    with _nodes(tmp_path, make_store, nats, count=1) as (a,):
+        sid = _create(a, "Mine")
+        refused = _push(a, [{"segment": sid, "userid": "u1"}, {"segment": 12345, "userid": "u2"}])
+        assert refused.status_code == 400
+        assert refused.json()["problems"] == [
+            "item 1: segment 12345 is not a segment of this platform"
+        ]
+        _eventually(lambda: _ready(a).get("last") == 1)  # only the create is in the stream
+        time.sleep(1.5)  # the next look at the stream would show a published batch
+        assert _ready(a)["last"] == 1
+        assert _segments_of(a, "u1") == []
+
+
+def test_writes_answer_503_while_nats_is_down_and_enrich_keeps_answering(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    with _nodes(tmp_path, make_store, nats, count=2) as (a, b):
+        sid = _create(a, "Before")
+        assert _push(a, [{"segment": sid, "userid": "kept"}]).status_code == 200
+        _eventually(lambda: _segments_of(b, "kept") == [str(sid)])
+        nats.kill()
+        during = _push(a, [{"segment": sid, "userid": "in-outage"}])
+        assert during.status_code == 503
+        assert during.json()["status"] == "error"
+        assert "not acknowledged" in during.json()["error"] or "NATS" in during.json()["error"]
+        assert _segments_of(a, "kept") == [str(sid)]  # /enrich unaffected
+        assert _segments_of(b, "someone") == ["operator_segment"]
+        assert _ready(b)["status"] == "ready"  # an outage does not take nodes out of service
+        nats.start()  # the same store directory: what was acknowledged is still there
+        _eventually(lambda: _push(a, [{"segment": sid, "userid": "after"}]).status_code == 200)
+        for node in (a, b):
+            _eventually(_serves(node, "after", [str(sid)]))
+            assert _segments_of(node, "kept") == [str(sid)]
+            assert _segments_of(node, "in-outage") == []
+
+
+def test_a_node_killed_during_pushes_catches_up_after_restart(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    store_b = make_store(SNAPSHOT)
+    config_b = _config(tmp_path, "b", nats)
+    with (
+        run_server(make_store(SNAPSHOT), "--config", str(_config(tmp_path, "a", nats))) as a,
+        run_server(store_b, "--config", str(config_b)) as b,
+    ):
+        sid = _create(a, "Pushed")
+        acknowledged = []
+        for round_ in range(10):
+            users = [f"r{round_}-u{i}" for i in range(20)]
+            if round_ == 3:
+                os.kill(b.process.pid, signal.SIGKILL)  # its ingestion process follows it
+            answer = _push(a, [{"segment": sid, "userid": u} for u in users])
+            assert answer.status_code == 200
+            acknowledged += users
+        b.process.wait()
+        with run_server(store_b, "--config", str(config_b)) as b_again:
+            _eventually(lambda: _ready(b_again).get("applied") == 11)
+            for user in acknowledged:
+                assert _segments_of(b_again, user) == [str(sid)], user
