@@ -1,4 +1,5 @@
-"""The ``enrich-server`` command line: serve, load, lookup, stats, ingest and the other tools.
+"""The ``enrich-server`` command line: serve, load, lookup, stats, ingest, digest and the other
+tools.
 
 Exit codes: 0 success, 1 the job failed (bad snapshot, unreadable store), 2 bad usage or
 configuration.
@@ -42,6 +43,7 @@ from enrich_server.config import (
     to_json,
 )
 from enrich_server.consent_explain import explain as explain_consent
+from enrich_server.digest import store_digest
 from enrich_server.dropfiles import (
     DEFAULT_SETTLE_SECONDS,
     DropFileError,
@@ -142,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.add_argument("--top", type=int, default=20, help="segments listed (default 20)")
 
+    _add_digest_parser(commands)
+
     export = commands.add_parser(
         "export",
         help="write a store back out as a snapshot (TSV)",
@@ -159,15 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     segments.add_argument("--store", type=Path, default=EXAMPLE_STORE, help="store directory")
 
-    compact = commands.add_parser(
-        "compact",
-        help="drop expired memberships (safe while serving)",
-        description="Remove every membership whose expiry has passed, and identity keys left "
-        "with none, in one transaction; running servers keep answering from their snapshot "
-        "meanwhile and see the result on their next request.",
-    )
-    compact.add_argument("--store", type=Path, required=True, help="store directory")
-
+    _add_compact_parser(commands)
     _add_ingest_parser(commands)
 
     consent = commands.add_parser(
@@ -227,6 +223,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_compact_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    compact = commands.add_parser(
+        "compact",
+        help="drop expired memberships (safe while serving)",
+        description="Remove every membership whose expiry has passed, and identity keys left "
+        "with none, in one transaction; running servers keep answering from their snapshot "
+        "meanwhile and see the result on their next request.",
+    )
+    compact.add_argument("--store", type=Path, required=True, help="store directory")
+
+
+def _add_digest_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    digest = commands.add_parser(
+        "digest",
+        help="applied replication sequence and a hash of everything a store serves",
+        description='Print one JSON line, {"sequence": N, "digest": "HEX"}: the last '
+        "replication log entry applied (0 on a single node) and an order-independent hash of "
+        "what the store serves (memberships with their expiries, segments, DMP segments, "
+        "synced ids, applied drop files; not its build times or write count). Replicas at the "
+        "same sequence print the same digest; both are read in one transaction, so a store "
+        "being written to still gives a matching pair. With --parts, also each table's count "
+        "and hash, to see where two replicas differ.",
+    )
+    digest.add_argument("--store", type=Path, required=True, help="store directory")
+    digest.add_argument("--parts", action="store_true", help="add each table's count and hash")
+
+
 def _add_replay_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     replay = commands.add_parser(
         "replay",
@@ -271,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "digest":
+            return _digest(args)
         if args.command == "compact":
             return _compact(args)
         if args.command == "consent":
@@ -488,6 +513,19 @@ def _stats(args: argparse.Namespace) -> int:
     print(f"top segments by members (of {stats.segments}):")
     for name, count in top.items():
         print(f"  {count:>12,}  {name}")
+    return 0
+
+
+def _digest(args: argparse.Namespace) -> int:
+    store = SegmentStore(args.store)
+    try:
+        found = store_digest(store)
+    finally:
+        store.close()
+    line: dict[str, object] = {"sequence": found.sequence, "digest": found.digest}
+    if args.parts:
+        line["parts"] = {name: dataclasses.asdict(part) for name, part in found.parts.items()}
+    print(msgspec.json.encode(line).decode())
     return 0
 
 

@@ -231,6 +231,96 @@ class Resolved:
     """How many of the keys were found in the store."""
 
 
+class StoreView:
+    """One read transaction on a store (``SegmentStore.view``): whatever is read through it
+    is one committed state, whatever writers commit meanwhile. Use as a context manager; its
+    iterators yield in key order and must be consumed inside the block."""
+
+    def __init__(
+        self,
+        txn: lmdb.Transaction[bytes],
+        meta: Any,
+        names: Any,
+        members: Any,
+        optional: dict[bytes, Any],
+    ) -> None:
+        self._txn = txn
+        self._meta = meta
+        self._names = names
+        self._members = members
+        self._optional = optional
+
+    def __enter__(self) -> StoreView:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._txn.abort()
+
+    def applied_sequence(self) -> int:
+        """The last replication log entry applied (0: none, or single node)."""
+        return int(self._txn.get(_APPLIED_SEQUENCE, b"0", db=self._meta))
+
+    def segments(self) -> Iterator[tuple[int, str]]:
+        """Every segment as ``(id, name)``, operators' and DMPs' alike, by id."""
+        for packed, name in self._txn.cursor(db=self._names):
+            yield _SEGMENT_ID.unpack(packed)[0], bytes(name).decode()
+
+    def memberships(self) -> Iterator[tuple[bytes, dict[str, int]]]:
+        """Every identity key with its memberships as ``{segment: expires}``, expired ones
+        included."""
+        names = dict(self.segments())
+        for key, raw in self._txn.cursor(db=self._members):
+            yield bytes(key), {names[s]: e for s, e in decode_memberships(raw).items()}
+
+    def membership_groups(self) -> Iterator[tuple[bytes, list[tuple[int, list[str]]]]]:
+        """Every identity key with its memberships grouped by expiry, ``[(expires, [segment,
+        ...]), ...]`` with expiries ascending and names sorted: a form that does not depend on
+        the order the memberships were written in (expired ones included), and cheaper to
+        scan than ``memberships``: no dict per key."""
+        name = dict(self.segments()).__getitem__
+        decode = _VALUE_DECODER.decode
+        for key, raw in self._txn.cursor(db=self._members):
+            flat = decode(raw)
+            if flat[1] + 2 == len(flat):  # one group: the common shape
+                yield bytes(key), [(flat[0], sorted(map(name, flat[2:])))]
+                continue
+            groups: dict[int, list[str]] = {}
+            i = 0
+            while i < len(flat):
+                start = i + 2
+                i = start + flat[i + 1]
+                groups.setdefault(flat[start - 2], []).extend(map(name, flat[start:i]))
+            yield bytes(key), [(expires, sorted(groups[expires])) for expires in sorted(groups)]
+
+    def dmp_segments(self) -> Iterator[DmpSegment]:
+        """The segments DMPs created, by id."""
+        db = self._optional[_DMP_SEGMENTS]
+        if db is None:
+            return
+        for packed, raw in self._txn.cursor(db=db):
+            sid = _SEGMENT_ID.unpack(packed)[0]
+            yield _dmp_segment(sid, raw, self._txn.get(packed, db=self._names))
+
+    def aliases(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every synced id as ``(their id, our user id)``, by their id."""
+        db = self._optional[_ALIASES]
+        if db is not None:
+            for their, ours in self._txn.cursor(db=db):
+                yield bytes(their), bytes(ours)
+
+    def applied_files(self) -> Iterator[tuple[str, bytes]]:
+        """Every drop file applied, as ``(name, JSON record)``, by name."""
+        db = self._optional[_APPLIED_FILES]
+        if db is not None:
+            for name, record in self._txn.cursor(db=db):
+                yield bytes(name).decode(), bytes(record)
+
+
 class SegmentStore:
     """A process's view of a store: reads, and with ``writable`` (the ingestion process) the
     environment its writes go through (py-lmdb opens an environment once per process)."""
@@ -269,6 +359,7 @@ class SegmentStore:
             raise StoreError(f"{path} is not an enrich-server store of format {FORMAT.decode()}")
         self._aliases = dmp[_ALIASES]
         self._dmp_segments = dmp[_DMP_SEGMENTS]
+        self._applied_files = dmp[_APPLIED_FILES]
         #: Whether ``resolve`` must look ids up in ``aliases``: off (free) until one exists.
         self.has_aliases = False
         self.refresh()
@@ -288,6 +379,7 @@ class SegmentStore:
             try:
                 self._aliases = self._optional_db(_ALIASES)
                 self._dmp_segments = self._optional_db(_DMP_SEGMENTS)
+                self._applied_files = self._optional_db(_APPLIED_FILES)
             except lmdb.Error:
                 return
         if self._aliases is not None and not self.has_aliases:
@@ -429,16 +521,8 @@ class SegmentStore:
 
     def dmp_segments(self, platform: int | None = None) -> list[DmpSegment]:
         """The segments DMPs created (one platform's when given), by id."""
-        if self._dmp_segments is None:
-            return []
-        with self._env.begin() as txn:
-            out = []
-            for key, raw in txn.cursor(db=self._dmp_segments):
-                sid = _SEGMENT_ID.unpack(key)[0]
-                segment = _dmp_segment(sid, raw, txn.get(key, db=self._names_db))
-                if platform is None or segment.platform == platform:
-                    out.append(segment)
-            return out
+        with self.view() as view:
+            return [s for s in view.dmp_segments() if platform is None or s.platform == platform]
 
     def dmp_segment(self, sid: int) -> DmpSegment | None:
         """One DMP-created segment by id."""
@@ -464,13 +548,8 @@ class SegmentStore:
 
     def items(self) -> Iterator[tuple[bytes, dict[str, int]]]:
         """Every key with its memberships as ``{segment: expires}``, in key order."""
-        with self._env.begin() as txn:
-            names = {
-                _SEGMENT_ID.unpack(bytes(k))[0]: bytes(v).decode()
-                for k, v in txn.cursor(db=self._names_db)
-            }
-            for key, raw in txn.cursor(db=self._members):
-                yield bytes(key), {names[s]: e for s, e in decode_memberships(raw).items()}
+        with self.view() as view:
+            yield from view.memberships()
 
     def identity_keys(self) -> Iterator[bytes]:
         """Every identity key (``uid:…``, ``domain:…``), in key order; values not read."""
@@ -485,6 +564,17 @@ class SegmentStore:
         with self._env.begin() as txn:
             for their in txn.cursor(db=self._aliases).iternext(values=False):
                 yield bytes(their)
+
+    def view(self) -> StoreView:
+        """One read transaction over every table (close it: ``with store.view() as view``),
+        for readers that need the tables at one state, such as a replica's digest. (DMP
+        tables created after the store was opened are seen after ``refresh``.)"""
+        optional = {
+            _DMP_SEGMENTS: self._dmp_segments,
+            _ALIASES: self._aliases,
+            _APPLIED_FILES: self._applied_files,
+        }
+        return StoreView(self._begin(), self._meta, self._names_db, self._members, optional)
 
     def stats(self) -> StoreStats:
         """Scan the store: identities per namespace, members per segment, sizes, age."""
