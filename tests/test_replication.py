@@ -8,6 +8,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,18 +43,34 @@ def _config(tmp_path: Path, name: str, nats: NatsServer) -> Path:
     return path
 
 
+#: Each running node's store directory, for ``_digest``.
+STORES: dict[str, Path] = {}
+
+
 @contextlib.contextmanager
 def _nodes(
     tmp_path: Path, make_store: StoreFactory, nats: NatsServer, count: int = 3
 ) -> Iterator[list[RunningServer]]:
     with contextlib.ExitStack() as stack:
-        nodes = [
-            stack.enter_context(
-                run_server(make_store(SNAPSHOT), "--config", str(_config(tmp_path, f"n{i}", nats)))
-            )
-            for i in range(count)
-        ]
+        nodes = []
+        for i in range(count):
+            store = make_store(SNAPSHOT)
+            config = _config(tmp_path, f"n{i}", nats)
+            node = stack.enter_context(run_server(store, "--config", str(config)))
+            STORES[node.url] = store
+            nodes.append(node)
         yield nodes
+
+
+def _digest(node: RunningServer) -> dict[str, object]:
+    """``enrich-server digest`` of the node's store, read beside the running node."""
+    done = subprocess.run(
+        [sys.executable, "-m", "enrich_server", "digest", "--store", str(STORES[node.url])],
+        capture_output=True,
+        check=True,
+    )
+    answer: dict[str, object] = json.loads(done.stdout)
+    return answer
 
 
 @pytest.fixture
@@ -126,6 +144,9 @@ def test_a_push_to_one_node_is_served_by_the_others(
         for node in (a, b, c):
             _eventually(_applied(node, 3))
             assert _ready(node)["status"] == "ready"
+        digests = [_digest(node) for node in (a, b, c)]
+        assert digests[0]["sequence"] == 3
+        assert digests[0] == digests[1] == digests[2]
 
 
 def test_segments_created_on_two_nodes_at_once_get_distinct_ids_everywhere(
@@ -138,6 +159,8 @@ def test_segments_created_on_two_nodes_at_once_get_distinct_ids_everywhere(
         assert len(set(ids)) == 20  # two creations never share an id
         expected = sorted(zip(ids, (t for _, t in titles), strict=True))
         _eventually(lambda: all(_listing(n) == expected for n in (a, b, c)))
+        _eventually(lambda: _digest(a) == _digest(b) == _digest(c))
+        assert _digest(a)["sequence"] == 20
 
 
 def test_a_bad_batch_is_refused_before_it_is_published(
