@@ -45,6 +45,7 @@ from enrich_server.protocol import (
     Connections,
     FastLane,
 )
+from enrich_server.store import store_dir
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,11 @@ def _readyz(
         if endpoint.store is None:
             return JSONResponse({"status": "not ready", "why": "store not open"}, status_code=503)
         if config.replicated:
+            if endpoint.store.directory != store_dir(endpoint.store.path):
+                # A restored checkpoint (or a snapshot) is published but not swapped in here
+                # yet: what this worker serves is older than what the applier reports.
+                why = "a new store generation is being swapped in"
+                return JSONResponse({"status": "not ready", "why": why}, status_code=503)
             return await replication_readiness()
         return JSONResponse({"status": "ready"})
 

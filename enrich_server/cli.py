@@ -8,6 +8,7 @@ configuration.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import datetime
@@ -25,7 +26,7 @@ import msgspec
 import uvicorn
 import uvloop
 
-from enrich_server import __version__, ingestd
+from enrich_server import __version__, checkpoints, ingestd
 from enrich_server.app import (
     CONFIG_HANDOFF_VARIABLE,
     INGEST_SOCKET_VARIABLE,
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.add_argument("--top", type=int, default=20, help="segments listed (default 20)")
 
-    _add_digest_parser(commands)
+    _add_replication_parsers(commands)
 
     export = commands.add_parser(
         "export",
@@ -234,6 +235,14 @@ def _add_compact_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     compact.add_argument("--store", type=Path, required=True, help="store directory")
 
 
+def _add_replication_parsers(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    """``digest`` (compares replicas) and ``checkpoint`` (starts new ones)."""
+    _add_digest_parser(commands)
+    _add_checkpoint_parser(commands)
+
+
 def _add_digest_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     digest = commands.add_parser(
         "digest",
@@ -248,6 +257,27 @@ def _add_digest_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
     digest.add_argument("--store", type=Path, required=True, help="store directory")
     digest.add_argument("--parts", action="store_true", help="add each table's count and hash")
+
+
+def _add_checkpoint_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    checkpoint = commands.add_parser(
+        "checkpoint",
+        help="upload a replicated node's store to the object store, for new nodes to start from",
+        description="Copy the store of a replicated node ([server] store; safe while it serves), "
+        "compacted, from one read transaction, and upload it to the JetStream object store "
+        "[replication] bucket as checkpoint-SEQUENCE, keeping the newest two. A node that "
+        "starts with an empty store, or finds the stream no longer holds the entries after its "
+        "sequence, restores the latest checkpoint and replays the stream from there. Nodes "
+        "also take one every [replication] checkpoint_every seconds. Nothing is uploaded when "
+        "the bucket already holds a checkpoint at or past the store's sequence, unless --force.",
+    )
+    checkpoint.add_argument("--config", type=Path, help="TOML configuration ([replication])")
+    checkpoint.add_argument("--store", help="store directory (default: [server] store)")
+    checkpoint.add_argument(
+        "--force", action="store_true", help="upload even if the bucket holds a newer one"
+    )
 
 
 def _add_replay_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -296,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _export(args)
         if args.command == "digest":
             return _digest(args)
+        if args.command == "checkpoint":
+            return _checkpoint(args)
         if args.command == "compact":
             return _compact(args)
         if args.command == "consent":
@@ -337,6 +369,8 @@ def _serve(args: argparse.Namespace) -> int:
         },
     )
     setup_logging(config.server.log_level)
+    if config.replicated:
+        _create_if_missing(Path(config.server.store))
     SegmentStore(Path(config.server.store)).close()  # fail here, clearly, not in each worker
     _remove_leftovers(Path(config.server.store))
     log.info(
@@ -361,6 +395,19 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.raise_signal(signal.SIGTERM)
     return 0
+
+
+def _create_if_missing(store: Path) -> None:
+    """A replicated node may start with no store (an empty volume): it serves an empty one
+    until its applier has restored the latest checkpoint or replayed the stream."""
+    if (store_dir(store) / DATA_FILE).is_file():
+        return
+    with StoreWriter(store):
+        pass
+    log.info(
+        "no store yet: serving an empty one until the replication log is applied",
+        extra={"store": str(store)},
+    )
 
 
 def _remove_leftovers(store: Path) -> None:
@@ -526,6 +573,24 @@ def _digest(args: argparse.Namespace) -> int:
     if args.parts:
         line["parts"] = {name: dataclasses.asdict(part) for name, part in found.parts.items()}
     print(msgspec.json.encode(line).decode())
+    return 0
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    config = load_config(args.config, os.environ, {"server.store": args.store})
+    if not config.replicated:
+        raise ConfigError("checkpoint needs a replicated configuration ([replication] nats)")
+    setup_logging("warning")
+    SegmentStore(Path(config.server.store)).close()  # a missing store: a clear error, first
+    taken = asyncio.run(checkpoints.take(config, only_if_newer=not args.force))
+    bucket = config.replication.bucket
+    if taken is None:
+        print(f"bucket {bucket} already holds a checkpoint at or past this store's sequence")
+    else:
+        print(
+            f"uploaded {taken.name} ({taken.size:,} bytes, sequence {taken.sequence}) "
+            f"to bucket {bucket}"
+        )
     return 0
 
 

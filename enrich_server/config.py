@@ -126,6 +126,17 @@ def _stream_name(value: str) -> str | None:
     return None
 
 
+def _bucket_name(value: str) -> str | None:
+    # JetStream object store names: letters, digits, '-' and '_' only.
+    ok = 0 < len(value) <= 32 and all(c.isascii() and (c.isalnum() or c in "-_") for c in value)
+    return None if ok else "must be 1-32 letters, digits, '-' or '_'"
+
+
+def _checkpoint_interval(value: float) -> str | None:
+    ok = value == 0 or 60 <= value <= 7 * 86400  # also refuses nan
+    return None if ok else "must be 0 (off) or 60 to 604800 seconds"
+
+
 def _stream_replicas(value: int) -> str | None:
     return None if 1 <= value <= 5 else "must be 1-5 (JetStream's limit)"
 
@@ -349,7 +360,15 @@ class ReplicationConfig:
         1, "copies of the stream JetStream keeps (created with it): 3 on a 3-node cluster",
         _stream_replicas,
     )  # fmt: skip
+    bucket: str = _opt(
+        "enrich-snapshots", "JetStream object store holding checkpoints (and snapshots)",
+        _bucket_name,
+    )  # fmt: skip
     max_lag: float = _opt(5.0, "seconds behind the stream before /readyz answers 503", _seconds)
+    checkpoint_every: float = _opt(
+        3600.0, "seconds between automatic checkpoints; 0 = only enrich-server checkpoint",
+        _checkpoint_interval,
+    )  # fmt: skip
     publish_timeout: float = _opt(
         2.0, "how long a DMP write waits for JetStream's acknowledgement before its 503",
         _seconds,

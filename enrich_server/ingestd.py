@@ -213,7 +213,7 @@ async def _serve(config: Config, socket_path: str, parent: int, ready: Event) ->
         return store_dir(root) == store.directory
 
     queue = WriteQueue(current, clean_errors=CLEAN_ERRORS, is_current=is_current)
-    replicated = JetStreamLog(config.replication, current, queue.run) if config.replicated else None
+    replicated = JetStreamLog(config, current, queue.run) if config.replicated else None
 
     async def submit(entry: Entry) -> Any:
         if replicated is not None:

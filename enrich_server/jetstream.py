@@ -9,9 +9,13 @@ arrived in one write transaction and records the last sequence in that same tran
 entry is applied exactly once whatever crashes, and after one the node resumes where its
 store says. Commits are not fsynced: the stream is the durable record.
 
-A sequence that does not follow the last applied one (the stream's first entries expired, or
-were deleted) stops the applier rather than skip entries: the node then reports itself not
-ready. NATS unreachable: writes answer 503 at once; the connection retries with backoff.
+Before it subscribes, the applier restores the latest checkpoint (``checkpoints``) when its
+store is empty, or when the stream no longer holds the entries after the store's sequence (they
+expired, or were purged). A gap no checkpoint covers, a sequence that does not follow the last
+applied one, or a store ahead of the stream's end (the stream was recreated) stops the applier
+rather than skip or mix entries: the node then reports itself not ready. It also starts a
+checkpoint every ``checkpoint_every`` seconds. NATS unreachable: writes answer 503 at once; the
+connection retries with backoff.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import msgspec
@@ -33,8 +39,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from enrich_server import entries
-from enrich_server.config import ReplicationConfig
+from enrich_server import checkpoints, entries
+from enrich_server import config as config_module
+from enrich_server.config import Config
 from enrich_server.entries import Entry, Outcome
 from enrich_server.errors import StoreError
 from enrich_server.store import SegmentStore, StoreWriter
@@ -54,6 +61,8 @@ MAX_BUFFERED: Final = 4 * MAX_GROUP
 APPLY_WAIT_SECONDS: Final = 10.0
 #: Between two looks at the stream's last sequence (the lag).
 STATUS_SECONDS: Final = 1.0
+#: Between two attempts of a halted applier (a checkpoint may have been uploaded).
+HALTED_RETRY_SECONDS: Final = 5.0
 _BACKOFF_SECONDS: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 _MSG_ID: Final = "Nats-Msg-Id"
 
@@ -69,7 +78,7 @@ class Status:
     last: int = 0  # the stream's last sequence, as last seen
     lag_seconds: float = 0.0
     caught_up: bool = False  # reached the stream's end once since it started
-    halted: str = ""  # why the applier stopped (a gap): never cleared without an operator
+    halted: str = ""  # why the applier stopped (a gap): cleared once it can go on
     applied_by_kind: dict[str, int] | None = None
     publish_failures: int = 0
 
@@ -85,13 +94,14 @@ class Status:
 class JetStreamLog:
     """Publishes entries and applies the stream to the store (``start``, then ``submit``)."""
 
-    def __init__(
-        self, config: ReplicationConfig, view: Callable[[], SegmentStore], run: Run
-    ) -> None:
-        """``view``: the store as it is now; ``run``: runs a write job on the store's writer
-        thread (``WriteQueue.run``), returning its result once committed."""
-        self._config = config
-        self._subject = config.stream + SUBJECT_SUFFIX
+    def __init__(self, config: Config, view: Callable[[], SegmentStore], run: Run) -> None:
+        """``view``: the store as it is now (following ``current`` across a restore);
+        ``run``: runs a write job on the store's writer thread (``WriteQueue.run``),
+        returning its result once committed."""
+        self._config = config.replication
+        self._root = Path(config.server.store)
+        self._config_json = config_module.to_json(config)
+        self._subject = self._config.stream + SUBJECT_SUFFIX
         self._view = view
         self._run = run
         self._nc: Client | None = None
@@ -109,6 +119,8 @@ class JetStreamLog:
         """Connect (retrying in the background until NATS answers) and start applying."""
         self.status.applied = self._view().applied_sequence()
         self._tasks.append(asyncio.create_task(self._connect_and_apply()))
+        if self._config.checkpoint_every:
+            self._tasks.append(asyncio.create_task(self._checkpoint_forever()))
 
     async def close(self) -> None:
         """Stop applying and close the connection; waiting writes get a ``StoreError``."""
@@ -127,6 +139,8 @@ class JetStreamLog:
     async def submit(self, entry: Entry) -> Any:
         """Validate, publish and wait until applied here; returns the entry's result or
         raises its clean error. ``StoreError`` when NATS did not acknowledge it."""
+        if self.status.halted:  # it could not apply the write, nor validate it on fresh data
+            raise StoreError(f"this node cannot apply writes: {self.status.halted}")
         entries.check(self._view(), entry)
         js = self._js
         if js is None or self._nc is None or not self._nc.is_connected:
@@ -173,9 +187,12 @@ class JetStreamLog:
             except asyncio.CancelledError:
                 raise
             except _HaltedError as exc:
+                if self.status.halted != str(exc):
+                    log.error("replication applier halted", extra={"error": str(exc)})
                 self.status.halted = str(exc)
-                log.error("replication applier halted", extra={"error": str(exc)})
-                return
+                # Looked at again now and then: a checkpoint uploaded meanwhile may cover it.
+                await asyncio.sleep(HALTED_RETRY_SECONDS)
+                continue
             except Exception as exc:  # NATS or the store: retried with backoff
                 log.warning(
                     "replication log unavailable; retrying",
@@ -227,16 +244,24 @@ class JetStreamLog:
 
     async def _apply_forever(self) -> None:
         assert self._js is not None
+        info = await self._js.stream_info(self._config.stream)
+        first, last = info.state.first_seq, info.state.last_seq
+        await self._restore_if_needed(first, last)
         start = self._view().applied_sequence() + 1
         self.status.applied = start - 1
-        info = await self._js.stream_info(self._config.stream)
-        first = info.state.first_seq
-        if info.state.messages and first > start:
+        if first > start:  # after a purge of everything, first is last + 1
             raise _HaltedError(
                 f"the stream's first entry is {first} but the store applied only up to"
-                f" {start - 1}: entries in between are gone; restore a checkpoint"
+                f" {start - 1}, and no checkpoint covers the entries in between: restore"
+                " a checkpoint taken before they expired, or reload every node"
             )
-        self._note_last(info.state.last_seq)
+        if start - 1 > last:
+            raise _HaltedError(
+                f"the store applied up to {start - 1} but the stream ends at {last}: the"
+                " stream was recreated or lost entries; this store cannot follow it"
+            )
+        self.status.halted = ""  # whatever stopped an earlier attempt is resolved
+        self._note_last(last)
         self._received.clear()
         self._resubscribe = False
         sub = await self._js.subscribe(
@@ -264,6 +289,38 @@ class JetStreamLog:
             status_task.cancel()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _restore_if_needed(self, first: int, last: int) -> None:
+        """Restore the latest checkpoint when the store is empty (faster than replaying, and
+        the only way once early entries expired) or behind the stream's first entry, if the
+        checkpoint can be followed by the stream (``first - 1 <= its sequence <= last``)."""
+        assert self._js is not None
+        store = self._view()
+        applied = store.applied_sequence()
+        empty = applied == 0 and store.identity_count() == 0
+        if not empty and first <= applied + 1:
+            return
+        bucket = await checkpoints.bucket(self._js, self._config)
+        newest = await checkpoints.latest(bucket)
+        if newest is None or not applied < newest.sequence <= last or newest.sequence < first - 1:
+            return  # nothing better to start from: replay, or halt on the gap
+        log.info(
+            "restoring a checkpoint",
+            extra={"checkpoint": newest.name, "applied": applied, "stream_first": first},
+        )
+        await checkpoints.restore(bucket, newest, self._root)
+        if self._view().applied_sequence() != newest.sequence:
+            raise StoreError("the restored checkpoint is not the store being served yet")
+
+    async def _checkpoint_forever(self) -> None:
+        """Every ``checkpoint_every`` seconds (spread, so that nodes rarely coincide) while
+        caught up: upload a checkpoint if the bucket has none as recent."""
+        while True:
+            await asyncio.sleep(self._config.checkpoint_every * random.uniform(0.9, 1.1))
+            if self.status.caught_up and self.status.connected and not self.status.halted:
+                code = await checkpoints.take_in_process(self._config_json)
+                if code:
+                    log.warning("periodic checkpoint failed", extra={"exitcode": code})
 
     async def _take(self, msg: Msg) -> None:
         """The subscription's callback: buffer, and hold it back when the applier lags."""

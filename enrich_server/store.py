@@ -576,6 +576,16 @@ class SegmentStore:
         }
         return StoreView(self._begin(), self._meta, self._names_db, self._members, optional)
 
+    def copy_to(self, directory: Path) -> int:
+        """Write a compacted copy of the store into ``directory`` (empty) from one read
+        transaction; returns the applied sequence the copy holds (a checkpoint's)."""
+        try:
+            with self._env.begin() as txn:
+                self._env.copy(str(directory), compact=True, txn=txn)
+                return int(txn.get(_APPLIED_SEQUENCE, b"0", db=self._meta))
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot copy segment store {self.path}: {exc}") from exc
+
     def stats(self) -> StoreStats:
         """Scan the store: identities per namespace, members per segment, sizes, age."""
         by_namespace: Counter[str] = Counter()

@@ -42,6 +42,10 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
         ("[server]\nworkers = 0\n", "[server] workers: 0 must be at least 1"),
         ('[enrich]\npath = "enrich"\n', "must be a path starting with /"),
         ("[server\n", "not valid TOML"),
+        ('[replication]\nnats = ["http://x:1"]\n', "nats"),
+        ('[replication]\nnats = ["nats://x:1"]\nbucket = "a.b"\n', "letters, digits"),
+        ('[replication]\nnats = ["nats://x:1"]\ncheckpoint_every = 5\n', "0 (off) or 60"),
+        ('[replication]\nnats = ["nats://x:1"]\nreplicas = 7\n', "must be 1-5"),
     ],
 )
 def test_bad_file_names_the_key(tmp_path: Path, toml: str, message: str) -> None:
@@ -218,3 +222,22 @@ def test_bad_platform_tables(
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path, environ)
+
+
+def test_replication_table(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[replication]\nnats = ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]\n'
+        'bucket = "snaps_1"\ncheckpoint_every = 0\nreplicas = 3\n'
+    )
+    config = load_config(path, {"ENRICH_REPLICATION_MAX_LAG": "1.5"})
+    assert config.replicated
+    assert config.replication.nats == ("nats://10.0.0.1:4222", "nats://10.0.0.2:4222")
+    assert config.replication.bucket == "snaps_1"
+    assert config.replication.checkpoint_every == 0
+    assert config.replication.replicas == 3
+    assert config.replication.max_lag == 1.5
+    assert not load_config(environ={}).replicated  # absent table: single node
+    path.write_text('[replication]\nstream = "E"\n')
+    with pytest.raises(ConfigError, match=r"\[replication\] needs nats"):
+        load_config(path)

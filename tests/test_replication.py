@@ -3,6 +3,7 @@ nodes, each with its own LMDB store (DESIGN §8)."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import json
@@ -15,11 +16,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx2 as httpx
+import nats as nats_client
 import pytest
 
+from enrich_server import checkpoints
+from enrich_server.config import load_config, to_json
 from tests.conftest import StoreFactory
 from tests.nats import NatsServer, run_nats
-from tests.utils import RunningServer, run_server
+from tests.utils import RunningServer, free_port, run_server
 
 PLATFORM = """
 [enrich.auth]
@@ -225,3 +229,128 @@ def test_a_node_killed_during_pushes_catches_up_after_restart(
             _eventually(lambda: _ready(b_again).get("applied") == 11)
             for user in acknowledged:
                 assert _segments_of(b_again, user) == [str(sid)], user
+
+
+def _checkpoint(config: Path, store: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "enrich_server", "checkpoint", "--config", str(config),
+         "--store", str(store)],
+        check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _purge_before(nats: NatsServer, sequence: int) -> None:
+    """Drop the stream's entries before ``sequence``, as expiry would."""
+
+    async def purge() -> None:
+        client = await nats_client.connect(nats.url)
+        try:
+            await client.jetstream().purge_stream("ENRICH", seq=sequence)
+        finally:
+            await client.close()
+
+    asyncio.run(purge())
+
+
+def test_a_new_node_with_an_empty_directory_starts_from_the_latest_checkpoint(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    with _nodes(tmp_path, make_store, nats) as (a, b, c):
+        sid = _create(a, "Early")
+        early = [f"early-{i}" for i in range(30)]
+        assert _push(a, [{"segment": sid, "userid": u} for u in early]).status_code == 200
+        _eventually(_applied(b, 2))
+        config_b = tmp_path / "n1.toml"
+        uploaded = _checkpoint(config_b, STORES[b.url])
+        assert "uploaded checkpoint-000000000002" in uploaded
+        assert "sequence 2" in uploaded
+        assert "already holds" in _checkpoint(config_b, STORES[b.url])  # nothing newer
+        late = _push(c, [{"segment": sid, "userid": "late"}])
+        assert late.status_code == 200
+        # The stream forgets what the checkpoint holds: only the checkpoint can give it now.
+        _purge_before(nats, 3)
+        empty = tmp_path / "new-node"  # does not exist yet, like an empty volume's subdir
+        with run_server(empty, "--config", str(_config(tmp_path, "d", nats))) as d:
+            STORES[d.url] = empty
+            _eventually(_applied(d, 3))
+            assert _segments_of(d, "early-29") == [str(sid)]
+            assert _segments_of(d, "late") == [str(sid)]
+            assert _listing(d) == _listing(a)
+            assert "checkpoint restored" in d.log()
+            _eventually(lambda: _digest(d) == _digest(a) == _digest(b) == _digest(c))
+            assert _digest(d)["sequence"] == 3
+
+
+def test_a_node_behind_the_stream_restores_a_checkpoint_and_never_skips_a_gap(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    store_a, store_b = make_store(SNAPSHOT), make_store(SNAPSHOT)
+    config_a, config_b = _config(tmp_path, "a", nats), _config(tmp_path, "b", nats)
+    with run_server(store_a, "--config", str(config_a)) as a:
+        STORES[a.url] = store_a
+        with run_server(store_b, "--config", str(config_b)) as b:
+            sid = _create(a, "Seen")
+            _eventually(_applied(b, 1))
+        for i in range(3):  # b is down: entries 2-4
+            assert _push(a, [{"segment": sid, "userid": f"missed-{i}"}]).status_code == 200
+        _purge_before(nats, 4)
+        # No checkpoint covers entries 2-3: b must stop rather than skip them.
+        with run_server(store_b, "--config", str(config_b), wait_for="/healthz") as b:
+            _eventually(lambda: "no checkpoint covers" in str(_ready(b).get("why", "")))
+            assert httpx.get(f"{b.url}/readyz", timeout=5).status_code == 503
+            assert _segments_of(b, "missed-2") == []
+            assert _segments_of(b, "someone") == ["operator_segment"]  # still serves
+            refused = _push(b, [{"segment": sid, "userid": "x"}])  # it could not apply it
+            assert refused.status_code == 503
+            assert "no checkpoint covers" in refused.json()["error"]
+            assert _ready(a)["last"] == 4  # nothing published
+            # An operator's checkpoint covers the gap: the halted node restores it by itself.
+            assert "sequence 4" in _checkpoint(config_a, store_a)
+            _eventually(lambda: _ready(b)["status"] == "ready", timeout=30)
+            STORES[b.url] = store_b
+            assert _segments_of(b, "missed-0") == [str(sid)]
+            assert _digest(b) == _digest(a)
+            assert "checkpoint restored" in b.log()
+
+
+def test_the_periodic_checkpoint_process_uploads_only_what_is_newer(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    config = load_config(
+        _config(tmp_path, "p", nats), {}, {"server.store": str(make_store(SNAPSHOT))}
+    )
+
+    async def run() -> list[checkpoints.Checkpoint]:
+        assert await checkpoints.take_in_process(to_json(config)) == 0
+        assert await checkpoints.take_in_process(to_json(config)) == 0  # not newer: skipped
+        client = await checkpoints.connect(config.replication)
+        try:
+            bucket = await checkpoints.bucket(client.jetstream(), config.replication)
+            return await checkpoints.stored(bucket)
+        finally:
+            await client.close()
+
+    stored = asyncio.run(run())
+    assert [(c.name, c.sequence) for c in stored] == [("checkpoint-000000000000", 0)]
+    assert stored[0].size > 0
+
+
+def test_checkpoint_command_errors_are_clear(tmp_path: Path, make_store: StoreFactory) -> None:
+    store = make_store(SNAPSHOT)
+    single = tmp_path / "single.toml"
+    single.write_text(PLATFORM)
+    unreachable = tmp_path / "unreachable.toml"
+    unreachable.write_text(f'[replication]\nnats = ["nats://127.0.0.1:{free_port()}"]\n')
+    for config, code, message in (
+        (single, 2, "checkpoint needs a replicated configuration"),
+        (unreachable, 1, "is not reachable"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "enrich_server", "checkpoint", "--config", str(config),
+             "--store", str(store)],
+            check=False, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == code, done.stderr
+        assert message in done.stderr

@@ -54,8 +54,10 @@ def wait_until_ready(
     log: Path,
     timeout: float,
     post_body: bytes | None = None,
+    *,
+    path: str = "/readyz",
 ) -> None:
-    """Poll ``url`` + ``/readyz`` (or POST ``post_body`` to ``url`` itself, for servers without
+    """Poll ``url`` + ``path`` (or POST ``post_body`` to ``url`` itself, for servers without
     one) until it answers 200; fail with the server's log if it dies or hangs."""
     deadline = time.monotonic() + timeout
     while True:
@@ -63,7 +65,7 @@ def wait_until_ready(
             raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
         try:
             if post_body is None:
-                response = httpx.get(f"{url}/readyz", timeout=1.0)
+                response = httpx.get(f"{url}{path}", timeout=1.0)
             else:
                 response = httpx.post(url, content=post_body, timeout=1.0)
             if response.status_code == 200:
@@ -77,11 +79,16 @@ def wait_until_ready(
 
 @contextlib.contextmanager
 def run_server(
-    store: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 20.0
+    store: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 20.0,
+    wait_for: str = "/readyz",
 ) -> Iterator[RunningServer]:
     """Run ``enrich-server serve`` on a free loopback port until the block ends.
 
-    Waits until ``/readyz`` answers 200, and stops the server (SIGTERM, then SIGKILL) after.
+    Waits until ``wait_for`` (``/readyz``; ``/healthz`` for a node expected not ready)
+    answers 200, and stops the server (SIGTERM, then SIGKILL) after.
     The overload guard is off unless ``env`` sets it: these tests assert exact answers, and
     on a shared VM the CPU can be taken away long enough to look like overload.
     """
@@ -102,7 +109,7 @@ def run_server(
             )
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_until_ready(url, process, log_path, timeout)
+            wait_until_ready(url, process, log_path, timeout, path=wait_for)
             yield RunningServer(url, process, log_path)
         finally:
             stop(process)
