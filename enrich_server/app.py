@@ -35,7 +35,7 @@ from enrich_server.explain import ExplainRoute
 from enrich_server.generations import StoreFollower
 from enrich_server.guard import LoadGuard
 from enrich_server.log import setup_logging
-from enrich_server.metrics import Metrics, Tally
+from enrich_server.metrics import Metrics, Tally, replication_exposition
 from enrich_server.prebid import EMPTY_ORTB, ortb_answer
 from enrich_server.privacy import Privacy, PrivacyPolicy
 from enrich_server.protocol import (
@@ -205,14 +205,11 @@ def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    async def metrics_endpoint(_: Request) -> Response:
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
     rest = Starlette(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", _readyz(config, endpoint, dmp)),
-            Route("/metrics", metrics_endpoint),
+            Route("/metrics", _metrics_endpoint(config, metrics, dmp)),
             Route("/oauth/token", _oauth_token(config, auth), methods=["POST"]),
             *dmp.routes(),
         ],
@@ -257,6 +254,22 @@ def _readyz(
         return JSONResponse({"status": "not ready", "why": why, **fields}, status_code=503)
 
     return readyz
+
+
+def _metrics_endpoint(
+    config: Config, metrics: Metrics, dmp: DmpApi
+) -> Callable[[Request], Awaitable[Response]]:
+    """``GET /metrics``: every worker's metrics and, on a replicated node, its applier's
+    (asked of the ingestion process, which owns them; absent on a single node: no stream)."""
+
+    async def metrics_endpoint(_: Request) -> Response:
+        exposition = metrics.exposition()
+        if config.replicated:
+            status = await dmp.log_status()
+            exposition += replication_exposition(status, config.replication.max_lag)
+        return Response(exposition, media_type=CONTENT_TYPE_LATEST)
+
+    return metrics_endpoint
 
 
 def _oauth_token(

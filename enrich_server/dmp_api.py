@@ -16,6 +16,7 @@ writes are handed to the ingestion process (``ingestd``) and answered after its 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -52,6 +53,9 @@ log = logging.getLogger(__name__)
 MAX_TITLE_BYTES: Final = 500
 _NO_STORE: Final = {"cache-control": "no-store"}
 _CHALLENGE: Final = {"www-authenticate": 'Basic realm="enrich-server ingestion"'}
+#: How long ``/readyz`` and a scrape wait for the ingestion process's status: under the
+#: readiness probe's 1 s timeout (deploy/k8s), so a hung process gets a 503 that says so.
+STATUS_TIMEOUT_SECONDS: Final = 0.5
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -118,12 +122,13 @@ class DmpApi:
 
     async def log_status(self) -> dict[str, Any] | None:
         """Where the node stands in its write log (``IngestClient.status``); ``None`` when
-        the ingestion process is not running or not reachable."""
+        the ingestion process is not running, not reachable, or does not answer within
+        ``STATUS_TIMEOUT_SECONDS``."""
         if self._ingest is None:
             return None
         try:
-            return await self._ingest.status()
-        except StoreError:
+            return await asyncio.wait_for(self._ingest.status(), STATUS_TIMEOUT_SECONDS)
+        except (StoreError, TimeoutError):
             return None
 
     def close(self) -> None:

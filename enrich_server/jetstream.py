@@ -364,15 +364,14 @@ class JetStreamLog:
 
         outcomes = await self._run(job)
         self.status.applied = last
-        kinds = self.status.applied_by_kind
-        assert kinds is not None
-        for _, _, entry in batch:
-            kinds[entries.kind(entry)] = kinds.get(entries.kind(entry), 0) + 1
         if outcomes is None:
             return
-        for (_, msg_id, _), outcome in zip(
-            batch[len(batch) - len(outcomes) :], outcomes, strict=True
-        ):
+        applied = batch[len(batch) - len(outcomes) :]  # without what an earlier run applied
+        kinds = self.status.applied_by_kind
+        assert kinds is not None
+        for _, _, entry in applied:
+            kinds[entries.kind(entry)] = kinds.get(entries.kind(entry), 0) + 1
+        for (_, msg_id, _), outcome in zip(applied, outcomes, strict=True):
             future = self._waiters.get(msg_id or "")
             if future is not None and not future.done():
                 future.set_result(outcome)

@@ -28,19 +28,25 @@ before they start, and ``/metrics`` aggregates every worker's files.
 | ``enrich_dmp_requests_total`` | counter | ``endpoint`` (sync, uid, segment), ``status`` |
 
 The DMP side (sync, ingestion) is not the hot path: it counts straight into Prometheus.
+
+A replicated node adds the ``enrich_replication_*`` series of ``ReplicationCollector``: its
+applier's numbers, owned by the ingestion process and asked for at scrape time.
 """
 
 from __future__ import annotations
 
 import bisect
 import os
-from typing import Final
+from collections.abc import Iterator, Mapping
+from typing import Any, Final, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from enrich_server import __version__
 from enrich_server.auth import REASONS as AUTH_REASONS
+from enrich_server.entries import Entry
 from enrich_server.privacy import REASONS
 from enrich_server.store import SegmentStore
 
@@ -51,6 +57,9 @@ LATENCY_BUCKETS: Final = (
 )  # fmt: skip
 SEGMENT_BUCKETS: Final = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, float("inf"))
 STATUSES: Final = (200, 400, 401, 403, 405, 413)
+#: Every kind of log entry, tagged as ``entries.kind`` names them: each is exposed from 0, so
+#: ``rate()`` counts the first entry of a kind too.
+ENTRY_KINDS: Final = tuple(str(cls.__struct_config__.tag) for cls in get_args(Entry))
 
 
 class Tally:
@@ -230,6 +239,97 @@ class Metrics:
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+class ReplicationCollector:
+    """The ``enrich_replication_*`` series of one scrape of a replicated node.
+
+    ``status`` is the ingestion process's answer to ``IngestClient.status`` (``None``: it did
+    not answer). One process owns these numbers for the whole node, so every worker exposes
+    the same ones, and nothing is kept between scrapes: they cost the hot path nothing. The
+    running totals are counters; they restart from 0 with the ingestion process, a reset
+    ``rate()`` handles. Without a status only ``connected`` (0) and ``max_lag`` are exposed:
+    stale numbers would look current.
+
+    | metric | type | labels |
+    |---|---|---|
+    | ``enrich_replication_connected`` | gauge | (0 also when the status is missing) |
+    | ``enrich_replication_max_lag_seconds`` | gauge | (``[replication] max_lag``) |
+    | ``enrich_replication_applied_sequence`` | gauge | |
+    | ``enrich_replication_last_sequence`` | gauge | |
+    | ``enrich_replication_lag_entries`` | gauge | |
+    | ``enrich_replication_lag_seconds`` | gauge | |
+    | ``enrich_replication_halted`` | gauge | |
+    | ``enrich_replication_entries_applied_total`` | counter | ``kind`` (``ENTRY_KINDS``) |
+    | ``enrich_replication_publish_failures_total`` | counter | |
+    """
+
+    def __init__(self, status: Mapping[str, Any] | None, max_lag: float) -> None:
+        self._status = status
+        self._max_lag = max_lag
+
+    def collect(self) -> Iterator[Metric]:
+        """The families (``prometheus_client``'s ``Collector`` protocol)."""
+        status = self._status
+        yield GaugeMetricFamily(
+            "enrich_replication_connected",
+            "1 while the replication applier is connected to NATS (0: not, or the ingestion"
+            " process did not answer).",
+            value=int(status is not None and status["connected"]),
+        )
+        yield GaugeMetricFamily(
+            "enrich_replication_max_lag_seconds",
+            "[replication] max_lag: how far behind the stream the node may be and stay ready.",
+            value=self._max_lag,
+        )
+        if status is None:
+            return
+        applied, last = status["applied"], status["last"]
+        yield GaugeMetricFamily(
+            "enrich_replication_applied_sequence",
+            "Last stream sequence applied to this node's store.",
+            value=applied,
+        )
+        yield GaugeMetricFamily(
+            "enrich_replication_last_sequence",
+            "The stream's last sequence, as this node last saw it (once a second).",
+            value=last,
+        )
+        yield GaugeMetricFamily(
+            "enrich_replication_lag_entries",
+            "Entries in the stream not yet applied here.",
+            value=max(0, last - applied),  # ``last`` is a second old: applied may pass it
+        )
+        yield GaugeMetricFamily(
+            "enrich_replication_lag_seconds",
+            "How long this node has been behind the stream (0 when caught up).",
+            value=status["lag_seconds"],
+        )
+        yield GaugeMetricFamily(
+            "enrich_replication_halted",
+            "1 when the applier stopped at a gap in the stream (until an operator acts).",
+            value=int(bool(status["halted"])),
+        )
+        by_kind = CounterMetricFamily(
+            "enrich_replication_entries_applied",
+            "Log entries applied to this node's store since its ingestion process started,"
+            " by kind.",
+            labels=["kind"],
+        )
+        counts: Mapping[str, int] = status["applied_by_kind"] or {}
+        for kind in sorted({*ENTRY_KINDS, *counts}):
+            by_kind.add_metric([kind], counts.get(kind, 0))
+        yield by_kind
+        yield CounterMetricFamily(
+            "enrich_replication_publish_failures",
+            "DMP writes this node could not publish (NATS unreachable or no acknowledgement).",
+            value=status["publish_failures"],
+        )
+
+
+def replication_exposition(status: Mapping[str, Any] | None, max_lag: float) -> bytes:
+    """The text format of ``ReplicationCollector``, to append to ``Metrics.exposition``."""
+    return generate_latest(ReplicationCollector(status, max_lag))
 
 
 def _add(counter: Counter, delta: float) -> None:

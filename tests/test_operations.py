@@ -21,11 +21,15 @@ import pytest
 import yaml
 
 from tests.conftest import StoreFactory
+from tests.nats import run_nats
+from tests.test_metrics import samples
 from tests.utils import ROOT, free_port, run_server, stop
 
 DEPLOY = ROOT / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
 DASHBOARD = DEPLOY / "grafana" / "enrich-server.json"
+#: The rules in ``ALERTS``.
+RULES = 10
 
 
 def _tool(name: str) -> str:
@@ -96,14 +100,19 @@ def wait_for(url: str, expr: str, expected: float, timeout: float = 20.0) -> flo
     return value
 
 
+def panel_expressions() -> list[str]:
+    """Every PromQL expression of the dashboard's panels (Grafana's ``$__rate_interval``
+    becomes 1m); rows have none."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", ())]
+    return [e.replace("$__rate_interval", "1m") for e in exprs]
+
+
 def shipped_expressions() -> list[str]:
-    """Every PromQL expression of the alert rules and the dashboard (Grafana's
-    ``$__rate_interval`` becomes 1m)."""
+    """Every PromQL expression of the alert rules and the dashboard."""
     rules = yaml.safe_load(ALERTS.read_text())
     exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
-    dashboard = json.loads(DASHBOARD.read_text())
-    exprs += [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
-    return [e.replace("$__rate_interval", "1m") for e in exprs]
+    return exprs + panel_expressions()
 
 
 PLATFORM = '[[platform]]\nid = 1\nname = "mapp"\nbasic = "foo:bar"\n'
@@ -159,7 +168,7 @@ def test_real_prometheus_scrapes_two_workers(make_store: StoreFactory, tmp_path:
             for expr in shipped_expressions():
                 query(prom, expr)  # every expression we ship parses and evaluates
             rules = httpx.get(f"{prom}/api/v1/rules").json()["data"]["groups"][0]["rules"]
-            assert len(rules) == 7
+            assert len(rules) == RULES
             assert all(rule["health"] in ("ok", "unknown") for rule in rules), rules
 
 
@@ -169,7 +178,7 @@ def test_promtool_accepts_the_alert_rules() -> None:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert f"SUCCESS: {RULES} rules found" in result.stdout
 
 
 def test_alerts_cover_what_sres_page_on() -> None:
@@ -178,13 +187,127 @@ def test_alerts_cover_what_sres_page_on() -> None:
     assert names >= {
         "EnrichLatencyP99High", "EnrichBreakerRisk", "EnrichErrorResponses",
         "EnrichSnapshotStale", "EnrichNotReady", "EnrichIngestionFailing",
+        "EnrichReplicationLagging", "EnrichReplicationHalted", "EnrichReplicationDisconnected",
     }  # fmt: skip
     for rule in rules:
         assert rule["annotations"]["summary"]
         assert rule["labels"]["severity"] in ("page", "warning")
 
 
+def test_real_prometheus_reads_a_replicated_node(make_store: StoreFactory, tmp_path: Path) -> None:
+    store = make_store("uid:u\tx\n")
+    with run_nats(tmp_path / "nats") as nats:
+        config = tmp_path / "enrich.toml"
+        config.write_text(f'{PLATFORM}\n[replication]\nnats = ["{nats.url}"]\n')
+        with run_server(store, "--workers", "2", "--config", str(config)) as server:
+            target = urllib.parse.urlsplit(server.url).netloc
+            with (
+                prometheus(target) as prom,
+                httpx.Client(base_url=server.url, auth=("foo", "bar")) as mapp,
+            ):
+                sid = mapp.post("/v1/segment", params={"title": "t"}).json()["segment_id"]
+                mutations = 'sum(enrich_replication_entries_applied_total{kind="mutations"})'
+                for round_ in range(2):  # two rounds, so rate() has an increase to work with
+                    for n in range(3):
+                        items = [{"segment": sid, "userid": f"r{round_}-{n}-{i}"} for i in range(5)]
+                        assert mapp.post("/v1/segment", json=items).status_code == 200
+                    assert wait_for(prom, mutations, 3 * (round_ + 1)) == 3 * (round_ + 1)
+                assert wait_for(prom, "max(enrich_replication_applied_sequence)", 7) == 7
+                assert wait_for(prom, "max(enrich_replication_lag_entries)", 0) == 0
+                assert wait_for(prom, "min(enrich_replication_connected)", 1) == 1
+                created = 'sum(enrich_replication_entries_applied_total{kind="create"})'
+                assert float(query(prom, created)[0]["value"][1]) == 1
+                by_kind = query(
+                    prom, "max by (kind) (rate(enrich_replication_entries_applied_total[1m]))"
+                )
+                rates = {r["metric"]["kind"]: float(r["value"][1]) for r in by_kind}
+                assert rates.keys() == {"mutations", "create", "delete", "alias"}
+                assert rates["mutations"] > 0
+                assert rates["delete"] == rates["alias"] == 0
+                for expr in panel_expressions():
+                    if "enrich_replication_" in expr:
+                        assert query(prom, expr), expr  # every replication panel has data
+                rules = httpx.get(f"{prom}/api/v1/rules").json()["data"]["groups"][0]["rules"]
+                replication = [r for r in rules if r["name"].startswith("EnrichReplication")]
+                assert len(replication) == 3
+                assert all(r["health"] == "ok" and r["state"] == "inactive" for r in replication)
+            # new connections, spread over both workers: each asks the one ingestion process
+            for _ in range(6):
+                exposed = samples(httpx.get(f"{server.url}/metrics", timeout=5).text)
+                assert exposed[("enrich_replication_applied_sequence", ())] == 7
+                kind = (("kind", "mutations"),)
+                assert exposed[("enrich_replication_entries_applied_total", kind)] == 6
+
+
+def test_replication_alerts_fire_when_they_should(tmp_path: Path) -> None:
+    """promtool's rule unit tests on synthetic series: lag over max_lag for 5 min pages (a
+    shorter spell does not), a halted applier pages after 1 min, a disconnected one warns
+    after 5 min."""
+    rules = {r["alert"]: r for r in yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]}
+
+    def firing(name: str, instance: str, value: str = "") -> dict[str, Any]:
+        rule = rules[name]
+        annotations = {
+            key: text.replace("{{ $labels.instance }}", instance).replace(
+                "{{ $value | humanizeDuration }}", value
+            )
+            for key, text in rule["annotations"].items()
+        }
+        return {
+            "exp_labels": {**rule["labels"], "job": "enrich-server", "instance": instance},
+            "exp_annotations": annotations,
+        }
+
+    def series(name: str, instance: str, values: str) -> dict[str, str]:
+        return {"series": f'{name}{{job="enrich-server",instance="{instance}"}}', "values": values}
+
+    cases = [
+        # n1: 8 s behind from minute 2 on; n2: over max_lag for 3 minutes only
+        series("enrich_replication_lag_seconds", "n1", "0 0 8x10"),
+        series("enrich_replication_lag_seconds", "n2", "0 9 9 9 0x8"),
+        series("enrich_replication_max_lag_seconds", "n1", "5x12"),
+        series("enrich_replication_max_lag_seconds", "n2", "5x12"),
+        series("enrich_replication_halted", "n1", "0 0 1x10"),
+        series("enrich_replication_halted", "n2", "0x12"),
+        series("enrich_replication_connected", "n1", "1 1 0x10"),
+        series("enrich_replication_connected", "n2", "1x12"),
+    ]
+    expected = [
+        ("EnrichReplicationLagging", "6m", []),
+        ("EnrichReplicationLagging", "8m", [firing("EnrichReplicationLagging", "n1", "8s")]),
+        ("EnrichReplicationHalted", "2m", []),
+        ("EnrichReplicationHalted", "3m", [firing("EnrichReplicationHalted", "n1")]),
+        ("EnrichReplicationDisconnected", "6m", []),
+        ("EnrichReplicationDisconnected", "7m", [firing("EnrichReplicationDisconnected", "n1")]),
+    ]
+    unit = tmp_path / "replication-alerts-test.yaml"
+    unit.write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": [str(ALERTS)],
+                "evaluation_interval": "1m",
+                "tests": [
+                    {
+                        "interval": "1m",
+                        "input_series": cases,
+                        "alert_rule_test": [
+                            {"alertname": name, "eval_time": at, "exp_alerts": alerts}
+                            for name, at, alerts in expected
+                        ],
+                    }
+                ],
+            }
+        )
+    )
+    result = subprocess.run(
+        [_tool("promtool"), "test", "rules", str(unit)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout + result.stderr
+
+
 def test_kubernetes_manifests_validate_against_schemas() -> None:
+
     manifests = sorted((DEPLOY / "k8s").glob("*.yaml"))
     core = [m for m in manifests if m.name != "servicemonitor.yaml"]
     result = subprocess.run(

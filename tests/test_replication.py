@@ -23,6 +23,7 @@ from enrich_server import checkpoints
 from enrich_server.config import load_config, to_json
 from tests.conftest import StoreFactory
 from tests.nats import NatsServer, run_nats
+from tests.test_metrics import Samples, samples
 from tests.utils import RunningServer, free_port, run_server
 
 PLATFORM = """
@@ -354,3 +355,71 @@ def test_checkpoint_command_errors_are_clear(tmp_path: Path, make_store: StoreFa
         )  # fmt: skip
         assert done.returncode == code, done.stderr
         assert message in done.stderr
+
+
+def _scrape(node: RunningServer) -> Samples:
+    answer = httpx.get(f"{node.url}/metrics", timeout=5)
+    assert answer.status_code == 200
+    return samples(answer.text)
+
+
+def _replication(exposed: Samples, name: str) -> float:
+    return exposed[(f"enrich_replication_{name}", ())]
+
+
+def _sees_last(node: RunningServer, sequence: int) -> Callable[[], bool]:
+    return lambda: _replication(_scrape(node), "last_sequence") == sequence
+
+
+def _by_kind(exposed: Samples) -> dict[str, float]:
+    return {
+        labels[0][1]: value
+        for (name, labels), value in exposed.items()
+        if name == "enrich_replication_entries_applied_total"
+    }
+
+
+def test_metrics_report_the_applied_sequence_entries_by_kind_and_lag(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    with _nodes(tmp_path, make_store, nats, count=2) as (a, b):
+        sid = _create(a, "Metered")
+        for round_ in range(2):
+            users = [{"segment": sid, "userid": f"m{round_}-{i}"} for i in range(10)]
+            assert _push(a, users).status_code == 200
+        gone = httpx.delete(f"{a.url}/v1/segment/{_create(a, 'Gone')}", auth=MAPP, timeout=15)
+        assert gone.status_code == 200
+        for node in (a, b):  # 2 creates, 2 batches, 1 delete; the last one seen within 1 s
+            _eventually(_sees_last(node, 5))
+            exposed = _scrape(node)
+            assert _replication(exposed, "applied_sequence") == 5
+            assert _replication(exposed, "lag_entries") == 0
+            assert _replication(exposed, "lag_seconds") == 0
+            assert _replication(exposed, "connected") == 1
+            assert _replication(exposed, "halted") == 0
+            assert _replication(exposed, "max_lag_seconds") == 2.0  # the node's [replication]
+            assert _replication(exposed, "publish_failures_total") == 0
+            assert _by_kind(exposed) == {"mutations": 2, "create": 2, "delete": 1, "alias": 0}
+        # a hung ingestion process: the scrape still answers at once, reporting connected 0
+        ingestd = next(
+            json.loads(line)["pid"]
+            for line in b.log().splitlines()
+            if '"ingestion process ready"' in line
+        )
+        os.kill(ingestd, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            hung = _scrape(b)
+            took = time.monotonic() - started
+        finally:
+            os.kill(ingestd, signal.SIGCONT)
+        assert took < 2.0
+        assert _replication(hung, "connected") == 0
+        assert ("enrich_replication_applied_sequence", ()) not in hung
+        assert hung[("enrich_requests_total", (("status", "200"),))] == 0  # the rest as ever
+        # NATS gone: the write that could not be published is counted, the link reported down
+        nats.kill()
+        assert _push(a, [{"segment": sid, "userid": "lost"}]).status_code == 503
+        assert _replication(_scrape(a), "publish_failures_total") == 1
+        _eventually(lambda: _replication(_scrape(a), "connected") == 0)
+        assert _replication(_scrape(b), "applied_sequence") == 5
