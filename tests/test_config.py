@@ -110,6 +110,20 @@ def test_shipped_example_config_loads() -> None:
     assert (mapp.id, mapp.name, mapp.sync_hosts) == (99999, "mapp", ("go.flx1.com",))
 
 
+def test_shipped_replication_example_loads_once_uncommented(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parent.parent / "deploy" / "enrich-server.toml").read_text()
+    start = text.index("# [replication]")
+    block = text[start : text.index("\n\n", start)]
+    uncommented = text.replace(block, "\n".join(line[2:] for line in block.splitlines()))
+    path = tmp_path / "replicated.toml"
+    path.write_text(uncommented)
+    config = load_config(path)
+    assert config.replicated
+    assert len(config.replication.nats) == 3
+    assert (config.replication.replicas, config.replication.bucket) == (3, "enrich-snapshots")
+    assert config.replication.checkpoint_every == 3600
+
+
 def test_auth_and_privacy_tables(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text(

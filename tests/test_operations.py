@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -20,8 +21,10 @@ import httpx2 as httpx
 import pytest
 import yaml
 
+from enrich_server.cli import build_parser
+from enrich_server.config import Config, load_config
 from tests.conftest import StoreFactory
-from tests.nats import run_nats
+from tests.nats import NATS_SERVER, run_nats
 from tests.test_metrics import samples
 from tests.utils import ROOT, free_port, run_server, stop
 
@@ -307,20 +310,21 @@ def test_replication_alerts_fire_when_they_should(tmp_path: Path) -> None:
 
 
 def test_kubernetes_manifests_validate_against_schemas() -> None:
-
-    manifests = sorted((DEPLOY / "k8s").glob("*.yaml"))
-    core = [m for m in manifests if m.name != "servicemonitor.yaml"]
+    core = [path for path in _k8s_manifests() if path.name != "servicemonitor.yaml"]
     result = subprocess.run(
         [sys.executable, "-m", "kubernetes_validate", "--strict", *map(str, core)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("passed") == len(core) == 4
+    objects = [doc for path in core for doc in yaml.safe_load_all(path.read_text())]
+    assert result.stdout.count("passed") == len(objects)
+    assert {"Deployment", "StatefulSet", "ConfigMap", "Service"} <= {o["kind"] for o in objects}
 
 
 def test_kubernetes_pieces_fit_together() -> None:
-    docs = {p.stem: yaml.safe_load(p.read_text()) for p in (DEPLOY / "k8s").glob("*.yaml")}
-    deployment, service, monitor = docs["deployment"], docs["service"], docs["servicemonitor"]
+    k8s = _k8s_objects()
+    deployment = k8s["Deployment", "enrich-server"]
+    service, monitor = k8s["Service", "enrich-server"], k8s["ServiceMonitor", "enrich-server"]
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert service["spec"]["selector"].items() <= pod_labels.items()
@@ -334,12 +338,187 @@ def test_kubernetes_pieces_fit_together() -> None:
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["resources"]["requests"]
     assert (
-        docs["pdb"]["spec"]["selector"]["matchLabels"]
+        k8s["PodDisruptionBudget", "enrich-server"]["spec"]["selector"]["matchLabels"]
         == deployment["spec"]["selector"]["matchLabels"]
     )
-    assert docs["hpa"]["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
-    assert monitor["kind"] == "ServiceMonitor"
+    target = k8s["HorizontalPodAutoscaler", "enrich-server"]["spec"]["scaleTargetRef"]
+    assert target == {
+        "apiVersion": deployment["apiVersion"],
+        "kind": deployment["kind"],
+        "name": deployment["metadata"]["name"],
+    }
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+def test_kubernetes_lists_every_manifest_in_its_kustomization() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in _k8s_manifests())
+
+
+def test_enrich_pods_own_their_store_on_an_empty_dir(tmp_path: Path) -> None:
+    """No shared volume (an LMDB environment is never shared across pods or hosts): each pod's
+    store is on its own emptyDir, which serve bootstraps from the checkpoint and the stream."""
+    k8s = _k8s_objects()
+    assert not [name for kind, name in k8s if kind == "PersistentVolumeClaim"]
+    deployment = k8s["Deployment", "enrich-server"]
+    assert "volumeClaimTemplates" not in deployment["spec"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert all("persistentVolumeClaim" not in volume for volume in pod["volumes"])
+    config, container = _enrich_config(k8s, tmp_path)
+    store = Path(config.server.store)
+    mounts = [m for m in container["volumeMounts"] if store.is_relative_to(m["mountPath"])]
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["emptyDir"]["sizeLimit"]
+    # On disk its pages are reclaimable page cache; tmpfs would pin all of it in memory.
+    assert volume["emptyDir"].get("medium") != "Memory"
+    # The scheduler places a pod only where its store fits.
+    assert (
+        container["resources"]["requests"]["ephemeral-storage"] == volume["emptyDir"]["sizeLimit"]
+    )
+
+
+def test_enrich_pods_run_the_configmap_as_a_replicated_node(tmp_path: Path) -> None:
+    k8s = _k8s_objects()
+    config, container = _enrich_config(k8s, tmp_path)
+    nats = k8s["StatefulSet", "nats"]
+    assert config.replicated
+    assert config.replication.replicas == 3 == nats["spec"]["replicas"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert ports[container[probe]["httpGet"]["port"]] == config.server.port
+    assert config.server.host in ("0.0.0.0", "::")  # the Service reaches the pod's address
+    assert config.server.workers == int(container["resources"]["requests"]["cpu"])
+    nats_ports = {p["name"]: p["containerPort"] for p in _only_container(nats)["ports"]}
+    for url in config.replication.nats:
+        parsed = urllib.parse.urlsplit(url)
+        service = k8s["Service", str(parsed.hostname)]
+        assert (
+            service["spec"]["selector"].items() <= nats["spec"]["selector"]["matchLabels"].items()
+        )
+        (port,) = [p for p in service["spec"]["ports"] if p["port"] == parsed.port]
+        assert nats_ports[port["targetPort"]] == parsed.port
+
+
+def test_nats_is_a_three_node_cluster_syncing_every_write(tmp_path: Path) -> None:
+    k8s = _k8s_objects()
+    nats = k8s["StatefulSet", "nats"]
+    spec = nats["spec"]
+    container = _only_container(nats)
+    command = container["command"]
+    config_path = Path(command[command.index("--config") + 1])
+    text = _mounted_file(k8s, nats, config_path)
+    # The real nats-server of the tests parses it (unknown fields and bad values fail);
+    # variables from fieldRefs get a pod's name.
+    conf = tmp_path / config_path.name
+    conf.write_text(text)
+    environ = {e["name"]: e.get("value", f"{nats['metadata']['name']}-0")
+               for e in container["env"]}  # fmt: skip
+    checked = subprocess.run(
+        [str(NATS_SERVER), "-t", "-c", str(conf)],
+        env=environ, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "is valid" in checked.stdout + checked.stderr
+
+    assert spec["replicas"] == 3
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert re.findall(r"^port:\s*(\d+)", text, re.MULTILINE) == [str(ports["client"])]
+    cluster = re.search(r"^cluster\s*\{[^}]*?^\s*port:\s*(\d+)", text, re.MULTILINE)
+    assert cluster is not None
+    assert int(cluster[1]) == ports["cluster"]
+    assert int(_conf_value(text, "http_port")) == ports["monitor"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == "monitor"
+    # JetStream on file storage, on each server's own claim, fsynced before every ack.
+    store_dir = Path(_conf_value(text, "store_dir"))
+    claims = {claim["metadata"]["name"] for claim in spec["volumeClaimTemplates"]}
+    (mount,) = [m for m in container["volumeMounts"] if store_dir.is_relative_to(m["mountPath"])]
+    assert mount["name"] in claims
+    assert _conf_value(text, "sync_interval") == "always"
+    # Routes: every server by its stable name under the headless Service, on the route port.
+    headless = k8s["Service", spec["serviceName"]]["spec"]
+    assert headless["clusterIP"] == "None"
+    assert headless["publishNotReadyAddresses"] is True
+    routes = set(re.findall(r"nats://([\w.-]+):(\d+)", text))
+    name = nats["metadata"]["name"]
+    expected = {(f"{name}-{i}.{spec['serviceName']}", str(ports["cluster"]))
+                for i in range(spec["replicas"])}  # fmt: skip
+    assert routes == expected
+    # Deployed what the tests run.
+    version = subprocess.run(
+        [str(NATS_SERVER), "--version"], capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
+    assert container["image"].split(":")[1].split("-")[0] == version.removeprefix("v")
+    # Never two servers on one node; a disruption leaves a quorum.
+    anti = spec["template"]["spec"]["affinity"]["podAntiAffinity"]
+    (rule,) = anti["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert rule["topologyKey"] == "kubernetes.io/hostname"
+    pdb = k8s["PodDisruptionBudget", name]["spec"]
+    assert pdb["selector"] == spec["selector"]
+    assert spec["replicas"] - pdb["maxUnavailable"] > spec["replicas"] // 2
+
+
+K8S = DEPLOY / "k8s"
+
+
+def _k8s_manifests() -> list[Path]:
+    """The manifests under deploy/k8s (the kustomization lists them)."""
+    return sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def _k8s_objects() -> dict[tuple[str, str], Any]:
+    """Every object of the manifests, by kind and name."""
+    docs = [doc for path in _k8s_manifests() for doc in yaml.safe_load_all(path.read_text())]
+    objects = {(doc["kind"], doc["metadata"]["name"]): doc for doc in docs}
+    assert len(objects) == len(docs), "two objects of one kind share a name"
+    return objects
+
+
+def _only_container(workload: Any) -> Any:
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _mounted_file(k8s: dict[tuple[str, str], Any], workload: Any, path: Path) -> str:
+    """The text of ``path`` in ``workload``'s container: a key of a mounted ConfigMap."""
+    (mount,) = [m for m in _only_container(workload)["volumeMounts"]
+                if m["mountPath"] == str(path.parent)]  # fmt: skip
+    volumes = workload["spec"]["template"]["spec"]["volumes"]
+    (volume,) = [v for v in volumes if v["name"] == mount["name"]]
+    text: str = k8s["ConfigMap", volume["configMap"]["name"]]["data"][path.name]
+    return text
+
+
+def _enrich_config(k8s: dict[tuple[str, str], Any], folder: Path) -> tuple[Config, Any]:
+    """The configuration an enrich-server pod runs, with its container: the image's ENV, then
+    the container's env, over the ConfigMap's file, loaded by the project's own loader."""
+    deployment = k8s["Deployment", "enrich-server"]
+    container = _only_container(deployment)
+    args = build_parser().parse_args(["serve", *container["args"]])  # ENTRYPOINT: serve
+    path = folder / args.config.name
+    path.write_text(_mounted_file(k8s, deployment, args.config))
+    environ = _image_env() | {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    return load_config(path, environ), container
+
+
+def _image_env() -> dict[str, str]:
+    """The ENV of the runtime image (deploy/docker/Dockerfile): what a container starts with."""
+    text = (DEPLOY / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            for item in line.split()[1:]:
+                key, _, value = item.partition("=")
+                env[key] = value
+    return env
+
+
+def _conf_value(text: str, key: str) -> str:
+    """The value of the one ``key: value`` line of a nats-server configuration."""
+    values: list[str] = re.findall(rf"^\s*{key}:\s*(\S+)", text, re.MULTILINE)
+    (value,) = values
+    return value
 
 
 def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
