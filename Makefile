@@ -71,6 +71,10 @@ bench-ingest: $(STAMP) bench-deps ## DMP micro-batches pushed beside /enrich ope
 	$(BIN)/python -m bench.ingest --profile full --durability fsync
 	$(BIN)/python -m bench.ingest --profile full --durability os
 
+.PHONY: bench-replication
+bench-replication: $(STAMP) bench-deps ## 3 nodes + nats-server: propagation, applier, /enrich beside 50k mut/s (~8 min)
+	$(BIN)/python -m bench.replication --profile full
+
 .PHONY: bench-hostile
 bench-hostile: $(STAMP) ## hostile bodies in-process and through serve, 100k fuzzed bodies, slowloris, atheris (~5 min)
 	$(BIN)/python -m bench.hostile --profile full

@@ -82,15 +82,23 @@ PROFILES = {
 
 @contextlib.contextmanager
 def serving(
-    store: Path, config: Path, workers: int, log: Path, cpus: set[int] | None
+    store: Path,
+    config: Path,
+    workers: int,
+    log: Path,
+    cpus: set[int] | None,
+    *,
+    port: int | None = None,
+    timeout: float = 60.0,
 ) -> Iterator[int]:
-    """``enrich-server serve`` on a free port until the block ends; yields the port.
+    """``enrich-server serve`` on ``port`` (a free one by default) until the block ends;
+    yields the port once ``/readyz`` answers 200 (within ``timeout`` seconds).
 
     With ``cpus``, the processes serving ``/enrich`` (the workers, and the main process) are
     pinned to those CPUs once they run; the ingestion process (SCHED_IDLE, background)
     is left free to run wherever a CPU is idle.
     """
-    port = free_port()
+    port = port or free_port()
     command = [
         sys.executable, "-m", "enrich_server", "serve", "--store", str(store),
         "--config", str(config), "--port", str(port), "--workers", str(workers),
@@ -99,7 +107,7 @@ def serving(
     with log.open("ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=out, cwd=ROOT)
     try:
-        wait_until_ready(f"http://127.0.0.1:{port}", process, log, 60.0)
+        wait_until_ready(f"http://127.0.0.1:{port}", process, log, timeout)
         if cpus is not None:
             for pid in [process.pid, *_children(process.pid)]:
                 if _serving(pid):
@@ -124,7 +132,8 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _auth() -> dict[str, str]:
+def auth_headers() -> dict[str, str]:
+    """The benchmark platform's HTTP Basic header (DMP calls)."""
     return {"Authorization": "Basic " + b64encode(CREDENTIALS.encode()).decode()}
 
 
@@ -133,7 +142,7 @@ def create_segments(port: int) -> list[int]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     ids = []
     for n in range(SEGMENTS):
-        connection.request("POST", f"/v1/segment?title=bench{n}", headers=_auth())
+        connection.request("POST", f"/v1/segment?title=bench{n}", headers=auth_headers())
         response = connection.getresponse()
         body = json.loads(response.read())
         if response.status != 200:
@@ -193,7 +202,7 @@ class Pusher:
 
     def _push(self, offset: int) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", self._port, timeout=30)
-        headers = {**_auth(), "Content-Type": "application/json"}
+        headers = {**auth_headers(), "Content-Type": "application/json"}
         n = offset
         while not self._done.is_set():
             body = self._bodies[n % len(self._bodies)]
@@ -210,7 +219,7 @@ class Pusher:
         connection.close()
 
 
-def _openloop(port: int, rate: float, seconds: float, bodies: Path) -> dict[str, Any]:
+def open_loop(port: int, rate: float, seconds: float, bodies: Path) -> dict[str, Any]:
     """The open-loop generator, at real-time priority when allowed: it shares a CPU with the
     pushing clients, and its clock must not wait behind them (it uses little CPU)."""
     command = openloop.command_line(
@@ -235,12 +244,12 @@ def one_round(
     alone = Pusher(port, bodies, profile.clients)
     alone_rate = alone.run_for(profile.seconds)
     rate = 0.5 * saturated
-    quiet = _openloop(port, rate, profile.seconds, enrich_bodies)
+    quiet = open_loop(port, rate, profile.seconds, enrich_bodies)
     beside = Pusher(port, bodies, profile.clients)
     results: dict[str, Any] = {}
 
     def load() -> None:
-        results["busy"] = _openloop(port, rate, profile.seconds, enrich_bodies)
+        results["busy"] = open_loop(port, rate, profile.seconds, enrich_bodies)
 
     loader = threading.Thread(target=load)
     loader.start()

@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from bench import replication
 from bench.hostile_bodies import hostile_bodies
+from bench.ingest import BATCH_ITEMS
 from bench.synth import sample_keys, snapshot_lines
 from enrich_server.config import EXAMPLE_STORE
 from tests.utils import ROOT, run_server
 
 
-def _smoke(module: str, tmp_path: Path, *args: str) -> Path:
-    """Run a bench module's smoke profile; returns the directory of its results."""
+def _smoke(module: str, tmp_path: Path, *args: str, profile: str = "smoke") -> Path:
+    """Run a bench module's smoke (or other short) profile; returns its results' directory."""
     out = tmp_path / "results"
     result = subprocess.run(
-        [sys.executable, "-m", module, "--profile", "smoke", "--out", str(out), *args],
+        [sys.executable, "-m", module, "--profile", profile, "--out", str(out), *args],
         capture_output=True, text=True, check=False, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
@@ -137,3 +140,44 @@ def test_hostile_bench_smoke_profile_writes_results(tmp_path: Path) -> None:
     assert report["atheris"]["inputs"] > 0
     assert set(report["verdict"]) >= {"app_work_under_2ms", "no_5xx", "no_timeouts"}
     assert "hostile bodies" in (out / "hostile-smoke.md").read_text()
+
+
+def test_replication_bench_quick_profile_measures_every_line(tmp_path: Path) -> None:
+    out = _smoke("bench.replication", tmp_path, profile="quick")
+    report = json.loads((out / "replication-quick.json").read_text())
+    profile = replication.PROFILES["quick"]
+    assert len(report["rounds"]) == profile.rounds
+    median = report["median"]
+    assert set(median) >= set(replication.TARGETS)
+    # Every batch due within the run was pushed and acknowledged; every probe was timed on
+    # both followers.
+    batches = math.ceil(profile.rate * profile.seconds / BATCH_ITEMS)
+    assert median["propagation_push_failures"] == median["beside_push_failures"] == 0
+    assert median["propagation_missed"] == 0
+    assert median["propagation_samples"] == 2 * math.ceil(batches / replication.PROBE_EVERY)
+    timeout_ms = replication.PROBE_TIMEOUT_SECONDS * 1000
+    assert 0 < median["propagation_p50_ms"] <= median["propagation_p99_ms"]
+    assert median["propagation_p99_ms"] <= median["propagation_max_ms"] < timeout_ms
+    assert median["propagation_pushed_mps"] > 0
+    assert median["beside_pushed_mps"] > 0
+    assert median["beside_applied_on_b_mps"] > 0
+    assert 0 < median["applier_timed_entries"] <= profile.applier_entries
+    assert median["applier_mps"] > 0
+    assert median["enrich_errors"] == 0
+    assert 0 < median["enrich_rate"] == median["enrich_saturated_rps"] / 2
+    for run in ("baseline", "beside"):
+        assert 0 < median[f"{run}_p50_ms"] <= median[f"{run}_p99_ms"] <= median[f"{run}_max_ms"]
+        assert median[f"{run}_over_5ms"] >= 0
+    # The table: one row per measure, a verdict exactly where the issue sets a target.
+    rows = {
+        cells[0]: cells
+        for line in (out / "replication-quick.md").read_text().splitlines()
+        if line.startswith("| ") and len(cells := [c.strip() for c in line[1:-1].split("|")]) == 6
+    }
+    for key, (_, target) in replication.TARGETS.items():
+        expected = replication.verdict(key, median[key], report)[1]
+        assert rows[key][5] == expected
+        assert (expected in {"pass", "FAIL"}) == (target is not None)
+    assert rows["propagation_p99_ms"][5] == (
+        "pass" if median["propagation_p99_ms"] < 100 else "FAIL"
+    )
