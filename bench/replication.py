@@ -66,7 +66,7 @@ from bench.ingest import (
 )
 from bench.synth import cached_store
 from enrich_server import entries
-from enrich_server.jetstream import SUBJECT_SUFFIX
+from enrich_server.config import ReplicationConfig
 from tests.nats import NatsServer, run_nats
 from tests.utils import ROOT, free_port
 
@@ -365,7 +365,7 @@ async def _publish(url: str, bodies: list[bytes]) -> int:
     try:
         js = client.jetstream()
         now = int(time.time())
-        subject = APPLIER_STREAM + SUBJECT_SUFFIX
+        subject = ReplicationConfig(stream=APPLIER_STREAM).subject
         acks = []
         for body in bodies:
             entry = entries.mutations(PLATFORM["id"], PLATFORM["ttl"], body, BATCH_ITEMS, now)

@@ -244,9 +244,14 @@ def build(
     progress: bool = True,
     workers: int | None = None,
     map_size: int = DEFAULT_MAP_SIZE,
+    *,
+    handoff: Callable[[Path], None] | None = None,
 ) -> LoadReport:
     """Build a store from snapshots at ``root``: a new generation of an existing store (the
     live one is replaced as a whole once the build is complete), or a new plain store.
+    With ``handoff``, the finished build (its directory, segment ids following the live
+    store's) goes to ``handoff`` instead, and is removed after: a replicated node publishes
+    it to every node rather than swapping it in here.
 
     Raises ``SnapshotError`` listing bad lines (nothing published) and ``StoreError`` (disk
     full, unwritable), leaving the live store as it was and no partial files behind.
@@ -265,7 +270,10 @@ def build(
         report = job.run(progress)
         job.close()
         _compact(building, map_size)
-        if live is None:
+        if handoff is not None:
+            handoff(building)
+            shutil.rmtree(building, ignore_errors=True)
+        elif live is None:
             if root.exists():
                 root.rmdir()  # an empty directory the operator made for us
             building.rename(root)

@@ -2,10 +2,10 @@
 
 A checkpoint is one LMDB file (``data.mdb``, written by a compacting copy inside one read
 transaction, so its data and its ``applied_sequence`` agree) stored as the object
-``checkpoint-<sequence>`` of ``[replication] bucket``. Names carry the sequence, so an upload
-never overwrites a checkpoint another node is downloading; the newest ``KEEP`` are kept.
-JetStream's object store checks the SHA-256 of what it hands back; the restorer also opens
-the file as a store and checks its sequence against the object's name.
+``checkpoint-<sequence>`` of ``[replication] bucket`` (``objectstore``). Names carry the
+sequence, so an upload never overwrites a checkpoint another node is downloading; the newest
+``KEEP`` are kept. The restorer opens the file as a store and checks its sequence against the
+object's name.
 
 Taken by ``enrich-server checkpoint`` and, every ``checkpoint_every`` seconds, by a process
 the applier starts (a copy of a large store takes seconds: the applier never waits for it;
@@ -19,46 +19,30 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
-import shutil
 import socket
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import nats
 import nats.errors
-import nats.js.errors
-from nats.aio.client import Client
-from nats.js import JetStreamContext, api
 from nats.js.object_store import ObjectStore
 
 from enrich_server import config as config_module
-from enrich_server.config import Config, ReplicationConfig
+from enrich_server import objectstore
+from enrich_server.config import Config
 from enrich_server.errors import StoreError
-from enrich_server.generations import (
-    BUILD_PREFIX,
-    Lease,
-    open_current,
-    publish,
-    remove_unused,
-)
+from enrich_server.generations import open_current, publish, remove_unused
 from enrich_server.log import setup_logging
-from enrich_server.store import DATA_FILE, SegmentStore
+from enrich_server.store import SegmentStore
 
 log = logging.getLogger(__name__)
 
 #: Checkpoints kept in the bucket: the newest, and the one before (a node may be fetching it).
 KEEP: Final = 2
-_NAME: Final = re.compile(r"checkpoint-(\d{12})")
-#: Slowest transfer assumed before a download or upload is given up (bytes per second).
-_MIN_RATE: Final = 2 << 20
-_MIN_TRANSFER_SECONDS: Final = 60.0
-_CONNECT_SECONDS: Final = 5.0
+PREFIX: Final = "checkpoint-"
+_NAME: Final = re.compile(PREFIX + r"(\d{12})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,55 +56,15 @@ class Checkpoint:
 
 def object_name(sequence: int) -> str:
     """The object a checkpoint of ``sequence`` is stored as."""
-    return f"checkpoint-{sequence:012d}"
-
-
-async def connect(config: ReplicationConfig) -> Client:
-    """A NATS connection for a one-off job (the CLI); ``StoreError`` when unreachable."""
-
-    async def quiet(_: Exception) -> None:
-        pass  # the failure is raised below; nats-py would print each attempt's traceback
-
-    try:
-        # One attempt per server (0 attempts means: retry forever).
-        connecting = nats.connect(
-            servers=list(config.nats),
-            name="enrich-server-checkpoint",
-            connect_timeout=_CONNECT_SECONDS,
-            allow_reconnect=False,
-            max_reconnect_attempts=1,
-            error_cb=quiet,
-        )
-        return await asyncio.wait_for(connecting, 2 * _CONNECT_SECONDS * len(config.nats))
-    except (OSError, TimeoutError, nats.errors.Error) as exc:
-        raise StoreError(f"NATS at {', '.join(config.nats)} is not reachable: {exc!r}") from None
-
-
-async def bucket(js: JetStreamContext, config: ReplicationConfig) -> ObjectStore:
-    """The object store bucket, created (file storage, ``replicas`` copies) when missing."""
-    try:
-        return await js.object_store(config.bucket)
-    except nats.js.errors.BucketNotFoundError:
-        return await js.create_object_store(
-            config.bucket,
-            config=api.ObjectStoreConfig(
-                description="enrich-server checkpoints and snapshots",
-                storage=api.StorageType.FILE,
-                replicas=config.replicas,
-            ),
-        )
+    return f"{PREFIX}{sequence:012d}"
 
 
 async def stored(store: ObjectStore) -> list[Checkpoint]:
     """The checkpoints in the bucket, oldest first."""
-    try:
-        infos = await store.list(ignore_deletes=True)
-    except nats.js.errors.NotFoundError:
-        return []
     found = []
-    for info in infos:
+    for info in await objectstore.names(store, PREFIX):
         match = _NAME.fullmatch(info.name or "")
-        if match and not info.deleted:
+        if match:
             found.append(Checkpoint(info.name or "", int(match.group(1)), info.size or 0))
     return sorted(found, key=lambda c: c.sequence)
 
@@ -131,50 +75,24 @@ async def latest(store: ObjectStore) -> Checkpoint | None:
     return found[-1] if found else None
 
 
-def _timeout(size: int) -> float:
-    return max(_MIN_TRANSFER_SECONDS, size / _MIN_RATE)
-
-
-@contextmanager
-def _building(root: Path, purpose: str) -> Iterator[Path]:
-    """A directory inside the store's root, held exclusively while the block runs (a killed
-    process's is removed by the next clean-up, as a killed build's is), removed after."""
-    directory = root / f"{BUILD_PREFIX}{purpose}-{os.getpid()}"
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
-    lease = Lease(directory, exclusive=True)
-    try:
-        yield directory
-    finally:
-        lease.release()
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 async def take(config: Config, only_if_newer: bool = True) -> Checkpoint | None:
     """Copy the store at ``[server] store`` and upload it; returns what was stored, or
     ``None`` when the bucket already holds a checkpoint at or past the store's sequence
     (and ``only_if_newer``). Older checkpoints beyond ``KEEP`` are deleted."""
     root = Path(config.server.store)
-    nc = await connect(config.replication)
+    nc = await objectstore.connect(config.replication)
     try:
-        store = await bucket(nc.jetstream(), config.replication)
+        store = await objectstore.bucket(nc.jetstream(), config.replication)
         newest = await latest(store)
-        with _building(root, "checkpoint") as directory:
+        with objectstore.working_dir(root, "checkpoint") as directory:
             sequence = await asyncio.to_thread(_copy, root, directory)
             if only_if_newer and newest is not None and newest.sequence >= sequence:
                 return None
-            path = directory / DATA_FILE
-            size = path.stat().st_size
             name = object_name(sequence)
-            meta = api.ObjectMeta(
-                name=name,
-                description=json.dumps({"sequence": sequence, "node": socket.gethostname()}),
-            )
-            with path.open("rb") as data:
-                await asyncio.wait_for(store.put(name, data, meta=meta), _timeout(size))
-        for old in (await stored(store))[:-KEEP]:
-            await store.delete(old.name)
-        return Checkpoint(name, sequence, size)
+            description = json.dumps({"sequence": sequence, "node": socket.gethostname()})
+            info = await objectstore.upload(store, name, directory, description)
+        await objectstore.keep_newest(store, PREFIX, KEEP)
+        return Checkpoint(name, sequence, info.size or 0)
     except (TimeoutError, nats.errors.Error) as exc:
         raise StoreError(f"checkpoint upload failed: {exc!r}") from None
     finally:
@@ -195,15 +113,11 @@ async def restore(store: ObjectStore, checkpoint: Checkpoint, root: Path) -> Non
     """Download ``checkpoint`` and make it the current generation of the store at ``root``
     (readers follow ``current`` as after a replace). Raises ``StoreError`` when it cannot be
     fetched or is not the store it claims to be; the live store is then untouched."""
-    with _building(root, "restore") as directory:
-        path = directory / DATA_FILE
+    with objectstore.working_dir(root, "restore") as directory:
         try:
-            with path.open("wb") as data:
-                await asyncio.wait_for(
-                    store.get(checkpoint.name, writeinto=data), _timeout(checkpoint.size)
-                )
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise StoreError(f"cannot download {checkpoint.name}: {exc!r}") from None
+            await objectstore.download(store, checkpoint.name, checkpoint.size, directory)
+        except FileNotFoundError as exc:
+            raise StoreError(str(exc)) from None
         found = await asyncio.to_thread(_sequence_of, directory)
         if found != checkpoint.sequence:
             raise StoreError(

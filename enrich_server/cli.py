@@ -26,7 +26,7 @@ import msgspec
 import uvicorn
 import uvloop
 
-from enrich_server import __version__, checkpoints, ingestd
+from enrich_server import __version__, checkpoints, ingestd, replicated_snapshots
 from enrich_server.app import (
     CONFIG_HANDOFF_VARIABLE,
     INGEST_SOCKET_VARIABLE,
@@ -107,24 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="worker processes sharing port and store")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
 
-    load = commands.add_parser(
-        "load",
-        help="build or update a store from snapshot files (all or nothing)",
-        description="Apply snapshot files (TSV, optionally gzip-compressed) to a store, "
-        "creating it when missing. Each line: KEY<TAB>SEG[,SEG...][<TAB>EXPIRES]; a segment "
-        "written -SEG removes that membership. The whole load is one transaction: any bad "
-        "line is reported as FILE:LINE: why and nothing is applied.",
-        epilog=f"key namespaces: {', '.join(n + ':' for n in NAMESPACES)}",
-    )
-    load.add_argument("snapshots", nargs="+", type=Path, metavar="SNAPSHOT")
-    load.add_argument("--store", type=Path, required=True, help="store directory")
-    load.add_argument(
-        "--replace",
-        action="store_true",
-        help="build a new store from the snapshots alone and swap it in whole (running "
-        "servers follow within 2 s); without it the snapshots are a delta",
-    )
-    load.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_load_parser(commands)
 
     lookup = commands.add_parser(
         "lookup",
@@ -222,6 +205,33 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="machine-readable output")
     _add_replay_parser(commands)
     return parser
+
+
+def _add_load_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    load = commands.add_parser(
+        "load",
+        help="build or update a store from snapshot files (all or nothing)",
+        description="Apply snapshot files (TSV, optionally gzip-compressed) to a store, "
+        "creating it when missing. Each line: KEY<TAB>SEG[,SEG...][<TAB>EXPIRES]; a segment "
+        "written -SEG removes that membership. The whole load is one transaction: any bad "
+        "line is reported as FILE:LINE: why and nothing is applied.",
+        epilog=f"key namespaces: {', '.join(n + ':' for n in NAMESPACES)}",
+    )
+    load.add_argument("snapshots", nargs="+", type=Path, metavar="SNAPSHOT")
+    load.add_argument("--store", type=Path, required=True, help="store directory")
+    load.add_argument(
+        "--replace",
+        action="store_true",
+        help="build a new store from the snapshots alone and swap it in whole (running "
+        "servers follow within 2 s); without it the snapshots are a delta",
+    )
+    load.add_argument("--quiet", action="store_true", help="no progress output")
+    load.add_argument(
+        "--config",
+        type=Path,
+        help="a replicated node's configuration: with --replace, the new store is uploaded to "
+        "the [replication] bucket and every node swaps it in, keeping its DMP state",
+    )
 
 
 def _add_compact_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -479,6 +489,9 @@ def _multiprocess_metrics_dir() -> Iterator[None]:
 def _load(args: argparse.Namespace) -> int:
     setup_logging("info")
     _remove_leftovers(Path(args.store))
+    config = load_config(args.config, os.environ) if args.config else None
+    if config is not None and config.replicated:
+        return _load_replicated(args, config)
     started = time.monotonic()
     report = load_snapshots(
         args.snapshots, args.store, replace=args.replace, progress=not args.quiet
@@ -502,6 +515,54 @@ def _load(args: argparse.Namespace) -> int:
         f"{report.memberships_removed:,} memberships removed"
     )
     return 0
+
+
+#: How long ``load --replace`` on a node waits to see the node swap its snapshot in.
+_SWAP_WAIT_SECONDS = 60.0
+
+
+def _load_replicated(args: argparse.Namespace, config: Config) -> int:
+    if not args.replace:
+        raise ConfigError(
+            "on a replicated node a load must be --replace (published to every node); "
+            "deltas go through the DMP API, or a drop file, so that every node gets them"
+        )
+    started = time.monotonic()
+    published = replicated_snapshots.publish_snapshot(
+        config, args.snapshots, Path(args.store), progress=not args.quiet
+    )
+    report = published.report
+    print(
+        f"built {report.lines:,} lines ({report.identities_added:,} identities) in "
+        f"{time.monotonic() - started:.1f}s; published {published.object} "
+        f"({published.size:,} bytes) as log entry {published.sequence}"
+    )
+    if Path(config.server.store).resolve() != Path(args.store).resolve():
+        return 0  # not this node's own store: nothing here to watch
+    deadline = time.monotonic() + _SWAP_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        store = SegmentStore(Path(args.store))
+        try:
+            applied, snapshot = store.applied_sequence(), store.snapshot()
+        finally:
+            store.close()
+        if applied >= published.sequence:
+            if snapshot == published.object:
+                print(f"this node serves it (every node swaps it in at entry {applied})")
+                return 0
+            print(
+                "enrich-server: every node refused the snapshot (a segment id it gives was "
+                "taken by a DMP meanwhile: see the node's log); load again",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        time.sleep(0.2)
+    print(
+        f"enrich-server: this node has not applied entry {published.sequence} within "
+        f"{_SWAP_WAIT_SECONDS:g} s (it is published: every node swaps it in when it gets there)",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
 
 
 def _lookup(args: argparse.Namespace) -> int:

@@ -374,6 +374,11 @@ class ReplicationConfig:
         _seconds,
     )  # fmt: skip
 
+    @property
+    def subject(self) -> str:
+        """The subject the stream's entries are published on."""
+        return self.stream + ".entries"
+
 
 @dataclass(frozen=True, slots=True)
 class PlatformConfig:

@@ -53,28 +53,40 @@ class SyncAlias(msgspec.Struct, tag="alias", array_like=True, frozen=True):
     ours: bytes
 
 
+class Snapshot(msgspec.Struct, tag="snapshot", array_like=True, frozen=True):
+    """``load --replace`` on a replicated node: a built store in the object store, which
+    every node downloads, checks, carries its DMP state into and swaps in (``jetstream``)."""
+
+    object: str  # its name in ``[replication] bucket``
+    size: int
+    digest: str  # the object store's SHA-256 of it
+
+
+#: The DMP entries, which ``apply`` applies inside a write transaction.
 Entry = Mutations | CreateSegment | DeleteSegment | SyncAlias
+#: Everything a replicated log carries.
+LogEntry = Entry | Snapshot
 #: What ``apply`` may refuse an entry with, having written nothing of it.
 CLEAN_ERRORS: Final = (BatchError, SegmentConflictError)
 #: One outcome per entry: its result, or the clean error that refused it.
 Outcome = tuple[Any, BatchError | SegmentConflictError | None]
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
-_DECODER: Final = msgspec.msgpack.Decoder(Entry)
+_DECODER: Final = msgspec.msgpack.Decoder(LogEntry)
 
 
-def kind(entry: Entry) -> str:
+def kind(entry: LogEntry) -> str:
     """The entry's kind, as its encoding tags it (``mutations``, ``create``, ...)."""
     tag: str = entry.__struct_config__.tag  # type: ignore[assignment]
     return tag
 
 
-def encode(entry: Entry) -> bytes:
+def encode(entry: LogEntry) -> bytes:
     """The entry as the log carries it (msgpack)."""
     return _ENCODER.encode(entry)
 
 
-def decode(data: bytes) -> Entry:
+def decode(data: bytes) -> LogEntry:
     """Inverse of ``encode``; raises ``msgspec.DecodeError`` for anything else."""
     return _DECODER.decode(data)
 

@@ -39,17 +39,15 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from enrich_server import checkpoints, entries
+from enrich_server import checkpoints, entries, objectstore, replicated_snapshots
 from enrich_server import config as config_module
 from enrich_server.config import Config
-from enrich_server.entries import Entry, Outcome
+from enrich_server.entries import Entry, Outcome, Snapshot
 from enrich_server.errors import StoreError
 from enrich_server.store import SegmentStore, StoreWriter
 
 log = logging.getLogger(__name__)
 
-#: The subject under the stream's name that entries are published on.
-SUBJECT_SUFFIX: Final = ".entries"
 #: JetStream's deduplication window: a publish retried within it is stored once.
 DUPLICATE_WINDOW_SECONDS: Final = 120.0
 #: Most entries applied in one transaction: bounds how long one commit holds the write lock.
@@ -64,7 +62,7 @@ STATUS_SECONDS: Final = 1.0
 #: Between two attempts of a halted applier (a checkpoint may have been uploaded).
 HALTED_RETRY_SECONDS: Final = 5.0
 _BACKOFF_SECONDS: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
-_MSG_ID: Final = "Nats-Msg-Id"
+_MSG_ID: Final = api.Header.MSG_ID.value
 
 Run = Callable[[Callable[[StoreWriter], Any]], Any]
 
@@ -101,7 +99,7 @@ class JetStreamLog:
         self._config = config.replication
         self._root = Path(config.server.store)
         self._config_json = config_module.to_json(config)
-        self._subject = self._config.stream + SUBJECT_SUFFIX
+        self._subject = self._config.subject
         self._view = view
         self._run = run
         self._nc: Client | None = None
@@ -298,9 +296,9 @@ class JetStreamLog:
         store = self._view()
         applied = store.applied_sequence()
         empty = applied == 0 and store.identity_count() == 0
-        if not empty and first <= applied + 1:
+        if not empty and first <= applied + 1 and not self.status.halted:
             return
-        bucket = await checkpoints.bucket(self._js, self._config)
+        bucket = await objectstore.bucket(self._js, self._config)
         newest = await checkpoints.latest(bucket)
         if newest is None or not applied < newest.sequence <= last or newest.sequence < first - 1:
             return  # nothing better to start from: replay, or halt on the gap
@@ -348,8 +346,36 @@ class JetStreamLog:
                 raise _HaltedError(
                     f"entry {sequence} is not an entry this version reads: {exc}"
                 ) from None
-            batch.append((sequence, (msg.headers or {}).get(_MSG_ID), entry))
             expected += 1
+            if isinstance(entry, Snapshot):  # applied alone, after what came before it
+                await self._apply_entries(batch)
+                batch = []
+                await self._apply_snapshot(sequence, entry)
+                continue
+            batch.append((sequence, (msg.headers or {}).get(_MSG_ID), entry))
+        await self._apply_entries(batch)
+
+    async def _apply_snapshot(self, sequence: int, entry: Snapshot) -> None:
+        assert self._js is not None
+        bucket = await objectstore.bucket(self._js, self._config)
+        try:
+            await replicated_snapshots.swap_in(bucket, entry, sequence, self._root, self._run)
+        except FileNotFoundError as exc:
+            raise _HaltedError(
+                f"entry {sequence} is a snapshot no longer in the bucket ({exc}): a checkpoint"
+                " taken after it is needed"
+            ) from None
+        self.status.applied = sequence
+        self._count(entries.kind(entry))
+        self._update_lag()
+
+    def _count(self, kind: str) -> None:
+        kinds = self.status.applied_by_kind
+        assert kinds is not None
+        kinds[kind] = kinds.get(kind, 0) + 1
+
+    async def _apply_entries(self, batch: list[tuple[int, str | None, Entry]]) -> None:
+        """Apply consecutive DMP entries in one transaction, then answer their writers."""
         if not batch:
             return
         last = batch[-1][0]
@@ -367,10 +393,8 @@ class JetStreamLog:
         if outcomes is None:
             return
         applied = batch[len(batch) - len(outcomes) :]  # without what an earlier run applied
-        kinds = self.status.applied_by_kind
-        assert kinds is not None
         for _, _, entry in applied:
-            kinds[entries.kind(entry)] = kinds.get(entries.kind(entry), 0) + 1
+            self._count(entries.kind(entry))
         for (_, msg_id, _), outcome in zip(applied, outcomes, strict=True):
             future = self._waiters.get(msg_id or "")
             if future is not None and not future.done():

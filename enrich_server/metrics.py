@@ -46,7 +46,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from enrich_server import __version__
 from enrich_server.auth import REASONS as AUTH_REASONS
-from enrich_server.entries import Entry
+from enrich_server.entries import LogEntry
 from enrich_server.privacy import REASONS
 from enrich_server.store import SegmentStore
 
@@ -59,7 +59,7 @@ SEGMENT_BUCKETS: Final = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, float("inf"))
 STATUSES: Final = (200, 400, 401, 403, 405, 413)
 #: Every kind of log entry, tagged as ``entries.kind`` names them: each is exposed from 0, so
 #: ``rate()`` counts the first entry of a kind too.
-ENTRY_KINDS: Final = tuple(str(cls.__struct_config__.tag) for cls in get_args(Entry))
+ENTRY_KINDS: Final = tuple(str(cls.__struct_config__.tag) for cls in get_args(LogEntry))
 
 
 class Tally:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gzip
 import io
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -129,13 +129,14 @@ def load_snapshots(
     store_path: Path,
     replace: bool = False,
     progress: bool = True,
+    handoff: Callable[[Path], None] | None = None,
 ) -> LoadReport:
     """Apply snapshots to the store at ``store_path`` (created when missing), all or nothing.
 
     With ``replace``, or when there is no store yet, the snapshots are bulk-built into a new
     store that replaces the live one whole (``bulk.build``); otherwise they are a delta merged
     into the live store in one write transaction. Raises ``SnapshotError`` listing bad lines
-    (nothing applied) and ``StoreError``.
+    (nothing applied) and ``StoreError``. ``handoff``: see ``bulk.build`` (with ``replace``).
     """
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -143,7 +144,7 @@ def load_snapshots(
     if replace or not (store_dir(store_path) / DATA_FILE).exists():
         from enrich_server import bulk  # noqa: PLC0415  # bulk builds on this module's parser
 
-        return bulk.build(paths, store_path, progress=progress)
+        return bulk.build(paths, store_path, progress=progress, handoff=handoff)
     return _load(paths, store_path, progress)
 
 

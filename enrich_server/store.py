@@ -4,7 +4,8 @@ Layout (one LMDB environment, a directory holding ``data.mdb``; four named datab
 
 ``meta``           ``format`` → ``1``; ``built_at`` / ``updated_at`` → unix seconds,
                    ``generation`` → commits so far, and (replicated nodes) ``applied_sequence``
-                   → the last log entry applied (ASCII)
+                   → the last log entry applied (ASCII), ``snapshot`` → the object name of
+                   the replicated snapshot the store was last replaced with
 ``segment_ids``    segment name (UTF-8) → segment id (4 bytes, big-endian)
 ``segment_names``  segment id → segment name; ids are dense from 1 and never reused, so a
                    name cached by a reader stays right for the life of the store
@@ -58,6 +59,7 @@ _APPLIED_FILES: Final = b"applied_files"
 _DMP_DBS: Final = (_ALIASES, _DMP_SEGMENTS, _DMP_TITLES, _APPLIED_FILES)
 _MAX_DBS: Final = 8
 _APPLIED_SEQUENCE: Final = b"applied_sequence"
+_SNAPSHOT: Final = b"snapshot"
 _UID_PREFIX: Final = b"uid:"
 _EID_PREFIX: Final = b"eid:"
 
@@ -414,6 +416,11 @@ class SegmentStore:
         """The last replication log entry applied to the store (0: none, or single node)."""
         with self._env.begin() as txn:
             return int(txn.get(_APPLIED_SEQUENCE, b"0", db=self._meta))
+
+    def snapshot(self) -> str:
+        """The replicated snapshot this store was last replaced with ('' if none)."""
+        with self._env.begin() as txn:
+            return bytes(txn.get(_SNAPSHOT, b"", db=self._meta)).decode()
 
     def identity_count(self) -> int:
         """How many identity keys the store holds (O(1): LMDB keeps the count)."""
@@ -833,6 +840,26 @@ class StoreWriter:
     def set_applied_sequence(self, sequence: int) -> None:
         """Record, in this transaction, that log entries up to ``sequence`` are applied."""
         self._txn.put(_APPLIED_SEQUENCE, str(sequence).encode(), db=self._meta)
+
+    def replace_with(
+        self, build: Path, sequence: int, snapshot: str, publish: Callable[[], object]
+    ) -> None:
+        """A replicated snapshot: carry this store's DMP state into ``build`` (as
+        ``publish_with_dmp_state`` does, from this session, which holds the write lock), record
+        ``sequence`` and ``snapshot`` in it, then ``publish`` it. The same entries in the
+        same order give the same result on every node. Raises ``SegmentConflictError``
+        having changed nothing served."""
+        target = open_environment(build, map_size=_map_size(build, DEFAULT_MAP_SIZE))
+        try:
+            with target.begin(write=True) as write:
+                _carry_dmp_state(self._env, self._txn, target, write)
+                meta = target.open_db(_META, txn=write)
+                write.put(_APPLIED_SEQUENCE, str(sequence).encode(), db=meta)
+                write.put(_SNAPSHOT, snapshot.encode(), db=meta)
+        finally:
+            target.close()
+        publish()
+        self.set_applied_sequence(sequence)  # the superseded store, for whoever still reads it
 
     def segment_name(self, sid: int) -> str | None:
         """The name (served string) of segment ``sid``."""

@@ -19,7 +19,7 @@ import httpx2 as httpx
 import nats as nats_client
 import pytest
 
-from enrich_server import checkpoints
+from enrich_server import checkpoints, objectstore
 from enrich_server.config import load_config, to_json
 from tests.conftest import StoreFactory
 from tests.nats import NatsServer, run_nats
@@ -326,9 +326,9 @@ def test_the_periodic_checkpoint_process_uploads_only_what_is_newer(
     async def run() -> list[checkpoints.Checkpoint]:
         assert await checkpoints.take_in_process(to_json(config)) == 0
         assert await checkpoints.take_in_process(to_json(config)) == 0  # not newer: skipped
-        client = await checkpoints.connect(config.replication)
+        client = await objectstore.connect(config.replication)
         try:
-            bucket = await checkpoints.bucket(client.jetstream(), config.replication)
+            bucket = await objectstore.bucket(client.jetstream(), config.replication)
             return await checkpoints.stored(bucket)
         finally:
             await client.close()
@@ -399,7 +399,13 @@ def test_metrics_report_the_applied_sequence_entries_by_kind_and_lag(
             assert _replication(exposed, "halted") == 0
             assert _replication(exposed, "max_lag_seconds") == 2.0  # the node's [replication]
             assert _replication(exposed, "publish_failures_total") == 0
-            assert _by_kind(exposed) == {"mutations": 2, "create": 2, "delete": 1, "alias": 0}
+            assert _by_kind(exposed) == {
+                "mutations": 2,
+                "create": 2,
+                "delete": 1,
+                "alias": 0,
+                "snapshot": 0,
+            }
         # a hung ingestion process: the scrape still answers at once, reporting connected 0
         ingestd = next(
             json.loads(line)["pid"]
@@ -423,3 +429,71 @@ def test_metrics_report_the_applied_sequence_entries_by_kind_and_lag(
         assert _replication(_scrape(a), "publish_failures_total") == 1
         _eventually(lambda: _replication(_scrape(a), "connected") == 0)
         assert _replication(_scrape(b), "applied_sequence") == 5
+
+
+def test_load_replace_on_one_node_is_served_by_every_node_without_a_failed_call(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    snapshot = tmp_path / "nightly.tsv"
+    snapshot.write_text("".join(f"uid:n{i}\tnightly_segment\n" for i in range(2000)))
+    with _nodes(tmp_path, make_store, nats) as nodes:
+        a = nodes[0]
+        sid = _create(a, "Kept")  # DMP state: carried over by every node
+        assert _push(a, [{"segment": sid, "userid": "pushed"}]).status_code == 200
+        failures: list[str] = []
+        stop_calls = False
+
+        def call_forever(node: RunningServer) -> int:
+            calls = 0
+            with httpx.Client(timeout=5) as client:
+                while not stop_calls:
+                    answer = client.post(
+                        f"{node.url}/enrich",
+                        content=json.dumps({"user": {"id": "someone"}}),
+                        headers=ENRICH_HEADERS,
+                    )
+                    calls += 1
+                    if answer.status_code != 200:
+                        failures.append(f"{node.url}: {answer.status_code}")
+            return calls
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            callers = [pool.submit(call_forever, node) for node in nodes]
+            done = subprocess.run(
+                [sys.executable, "-m", "enrich_server", "load", str(snapshot), "--replace",
+                 "--quiet", "--store", str(STORES[a.url]), "--config", str(tmp_path / "n0.toml")],
+                check=False, capture_output=True, text=True, timeout=60,
+                env={**os.environ, "ENRICH_SERVER_STORE": str(STORES[a.url])},
+            )  # fmt: skip
+            published = time.monotonic()
+            assert done.returncode == 0, done.stderr
+            assert "as log entry 3" in done.stdout
+            assert "this node serves it" in done.stdout
+            for node in nodes:
+                _eventually(_serves(node, "n1999", ["nightly_segment"]), timeout=10)
+            swapped_within = time.monotonic() - published
+            stop_calls = True
+            calls = [caller.result() for caller in callers]
+        assert failures == []
+        assert min(calls) > 0
+        assert swapped_within < 10
+        for node in nodes:
+            assert _segments_of(node, "someone") == []  # replaced: the old snapshot is gone
+            assert _segments_of(node, "pushed") == []  # DMP memberships go with it, as locally
+            assert (sid, "Kept") in _listing(node)  # the DMP's segment stays
+            _eventually(_applied(node, 3))
+        _eventually(lambda: _digest(nodes[0]) == _digest(nodes[1]) == _digest(nodes[2]))
+
+
+def test_a_delta_load_on_a_replicated_node_is_refused(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    snapshot = tmp_path / "delta.tsv"
+    snapshot.write_text("uid:x\tseg\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "enrich_server", "load", str(snapshot), "--store",
+         str(make_store(SNAPSHOT)), "--config", str(_config(tmp_path, "a", nats))],
+        check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "must be --replace" in done.stderr
