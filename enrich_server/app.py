@@ -154,7 +154,6 @@ def create_app(config: Config, ingest_socket: str | None = None) -> EnrichServer
                     await asyncio.to_thread(retired.close)
             if endpoint.store is not None:
                 metrics.observe_store(endpoint.store)
-                endpoint.store.refresh()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[dict[str, object]]:

@@ -225,9 +225,6 @@ class DmpApi:
             await self._write("alias", their.encode(), ours.encode(), given.get("sig", "").lower())
         except ReplayError as exc:
             return _error(403, str(exc))
-        store = self._store()
-        if store is not None:
-            store.has_aliases = True
         mapped = _ok()
         mapped.headers["set-cookie"] = self._cookie(ours)
         return mapped

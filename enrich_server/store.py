@@ -19,7 +19,7 @@ Layout (one LMDB environment, a directory holding ``data.mdb``; four named datab
 ``applied_files``  drop-file name → JSON record of when and what was applied (exactly once)
 
 The last four exist once a store has been written with DMP platforms configured; readers
-treat them as empty before that.
+treat them as empty before that, and open them on first use after another process made them.
 
 Readers (``SegmentStore``) open the environment read-only in each worker, after fork; all
 keys of a request are read in one read transaction. Writers (``StoreWriter``) are the CLI
@@ -57,6 +57,8 @@ _DMP_SEGMENTS: Final = b"dmp_segments"
 _DMP_TITLES: Final = b"dmp_titles"
 _APPLIED_FILES: Final = b"applied_files"
 _DMP_DBS: Final = (_ALIASES, _DMP_SEGMENTS, _DMP_TITLES, _APPLIED_FILES)
+#: The DMP tables ``SegmentStore`` reads.
+_READ_DMP_DBS: Final = (_ALIASES, _DMP_SEGMENTS, _APPLIED_FILES)
 _MAX_DBS: Final = 8
 _APPLIED_SEQUENCE: Final = b"applied_sequence"
 _SNAPSHOT: Final = b"snapshot"
@@ -353,18 +355,18 @@ class SegmentStore:
                 with self._env.begin(write=True) as txn:
                     for name in _DMP_DBS:
                         self._env.open_db(name, txn=txn)
-            dmp = {name: self._optional_db(name) for name in _DMP_DBS}
+            #: Handles on the DMP tables; ``None`` until one exists (``_opened``).
+            self._tables = {name: self._optional_db(name) for name in _READ_DMP_DBS}
         except lmdb.Error as exc:
             raise StoreError(f"cannot open segment store {path}: {exc}") from exc
         if found != FORMAT:
             self._env.close()
             raise StoreError(f"{path} is not an enrich-server store of format {FORMAT.decode()}")
-        self._aliases = dmp[_ALIASES]
-        self._dmp_segments = dmp[_DMP_SEGMENTS]
-        self._applied_files = dmp[_APPLIED_FILES]
-        #: Whether ``resolve`` must look ids up in ``aliases``: off (free) until one exists.
-        self.has_aliases = False
-        self.refresh()
+        # Whether ``resolve`` must look ids up in ``aliases`` (free until one exists), and
+        # else the snapshot (LMDB transaction id) it last found the table empty in: any commit
+        # since may hold the first synced id, so the next request looks again.
+        self._has_aliases = False
+        self._no_aliases_in = -1
         # Index = segment id; entry 0 is never a real id.
         self._json_names: list[bytes] = [b""]
 
@@ -374,19 +376,15 @@ class SegmentStore:
         except lmdb.NotFoundError:
             return None
 
-    def refresh(self) -> None:
-        """Re-read what the hot path caches about the store (called about once a second)."""
-        if self._aliases is None:
-            # Created by the ingestion process after this worker opened the store.
-            try:
-                self._aliases = self._optional_db(_ALIASES)
-                self._dmp_segments = self._optional_db(_DMP_SEGMENTS)
-                self._applied_files = self._optional_db(_APPLIED_FILES)
-            except lmdb.Error:
-                return
-        if self._aliases is not None and not self.has_aliases:
-            with self._env.begin() as txn:
-                self.has_aliases = txn.stat(self._aliases)["entries"] > 0
+    def _opened(self, name: bytes) -> Any:
+        """The handle on DMP table ``name``, opened now if another process created it since
+        this one opened the store; ``None`` while there is no such table. Call it outside
+        any transaction: a handle serves only transactions begun after it was opened. (A
+        writable store made its tables when it opened: this never opens a write txn.)"""
+        db = self._tables[name]
+        if db is None:
+            db = self._tables[name] = self._optional_db(name)
+        return db
 
     def flush(self) -> None:
         """Force what was committed to disk (for a store opened with ``sync=False``)."""
@@ -433,9 +431,13 @@ class SegmentStore:
         try:
             return self._env.begin(self._members)
         except lmdb.MapResizedError:
-            # A writer grew the map beyond what this process mapped: adopt the new size.
-            self._env.set_mapsize(0)
-            return self._env.begin(self._members)
+            return self._remapped()
+
+    def _remapped(self) -> lmdb.Transaction[bytes]:
+        """``_begin`` after a writer grew the map beyond what this process mapped: adopt
+        the new size."""
+        self._env.set_mapsize(0)
+        return self._env.begin(self._members)
 
     def warm(self) -> None:
         """Read every segment name now, so that no request pays for it (a store swapped in
@@ -463,12 +465,19 @@ class SegmentStore:
         several = False
         min_expires = 0
         hits = 0
-        txn = self._begin()
+        try:  # ``_begin``, inline: one call less per request
+            txn = self._env.begin(self._members)
+        except lmdb.MapResizedError:
+            txn = self._remapped()
         try:
+            if self._has_aliases:
+                keys = self._with_aliases(txn, keys)
+            elif txn.id() != self._no_aliases_in:  # a commit since: the first synced id?
+                txn = self._look_for_aliases(txn)
+                if self._has_aliases:
+                    keys = self._with_aliases(txn, keys)
             get = txn.get
             decode = _VALUE_DECODER.decode
-            if self.has_aliases:
-                keys = self._with_aliases(txn, keys)
             for key in keys:
                 raw = get(key)
                 if raw is None:
@@ -500,12 +509,28 @@ class SegmentStore:
             txn.abort()
         return Resolved(named, min_expires, hits)
 
+    def _look_for_aliases(self, txn: lmdb.Transaction[bytes]) -> lmdb.Transaction[bytes]:
+        """Find whether ``aliases`` has entries in ``txn``'s snapshot (``_has_aliases``), or
+        remember the snapshot it has none in. Returns the transaction to read on: a new one
+        when the table was first opened (once per store, a commit after it was created)."""
+        if self._tables[_ALIASES] is None:
+            txn.abort()
+            self._opened(_ALIASES)
+            txn = self._begin()
+        aliases = self._tables[_ALIASES]
+        if aliases is not None and txn.stat(aliases)["entries"]:
+            self._has_aliases = True
+        else:
+            self._no_aliases_in = txn.id()
+        return txn
+
     def _with_aliases(self, txn: lmdb.Transaction[bytes], keys: Sequence[bytes]) -> Sequence[bytes]:
         """``keys`` with our ``uid:`` key inserted after each key whose id a platform synced."""
         out: list[bytes] | None = None
+        aliases = self._tables[_ALIASES]
         for i, key in enumerate(keys):
             their = _alias_id(key)
-            ours = txn.get(their, db=self._aliases) if their else None
+            ours = txn.get(their, db=aliases) if their else None
             if ours is not None:
                 if out is None:
                     out = list(keys[:i])
@@ -520,10 +545,13 @@ class SegmentStore:
     def alias_of(self, key: bytes) -> bytes | None:
         """Our ``uid:`` key that a ``uid:``/``eid:`` key's id was synced to (``/uid``), if any."""
         their = _alias_id(key)
-        if self._aliases is None or their is None:
+        if their is None:
+            return None
+        aliases = self._opened(_ALIASES)
+        if aliases is None:
             return None
         with self._env.begin() as txn:
-            ours = txn.get(their, db=self._aliases)
+            ours = txn.get(their, db=aliases)
         return None if ours is None else _UID_PREFIX + ours
 
     def dmp_segments(self, platform: int | None = None) -> list[DmpSegment]:
@@ -533,11 +561,12 @@ class SegmentStore:
 
     def dmp_segment(self, sid: int) -> DmpSegment | None:
         """One DMP-created segment by id."""
-        if self._dmp_segments is None or not 0 < sid < 2**32:
+        segments = self._opened(_DMP_SEGMENTS) if 0 < sid <= MAX_SEGMENT_ID else None
+        if segments is None:
             return None
         packed = _SEGMENT_ID.pack(sid)
         with self._env.begin() as txn:
-            raw = txn.get(packed, db=self._dmp_segments)
+            raw = txn.get(packed, db=segments)
             if raw is None:
                 return None
             return _dmp_segment(sid, raw, txn.get(packed, db=self._names_db))
@@ -566,21 +595,17 @@ class SegmentStore:
 
     def alias_ids(self) -> Iterator[bytes]:
         """Every platform user id synced to one of ours (``/uid``), in id order."""
-        if self._aliases is None:
+        aliases = self._opened(_ALIASES)
+        if aliases is None:
             return
         with self._env.begin() as txn:
-            for their in txn.cursor(db=self._aliases).iternext(values=False):
+            for their in txn.cursor(db=aliases).iternext(values=False):
                 yield bytes(their)
 
     def view(self) -> StoreView:
         """One read transaction over every table (close it: ``with store.view() as view``),
-        for readers that need the tables at one state, such as a replica's digest. (DMP
-        tables created after the store was opened are seen after ``refresh``.)"""
-        optional = {
-            _DMP_SEGMENTS: self._dmp_segments,
-            _ALIASES: self._aliases,
-            _APPLIED_FILES: self._applied_files,
-        }
+        for readers that need the tables at one state, such as a replica's digest."""
+        optional = {name: self._opened(name) for name in _READ_DMP_DBS}
         return StoreView(self._begin(), self._meta, self._names_db, self._members, optional)
 
     def copy_to(self, directory: Path) -> int:

@@ -138,19 +138,22 @@ def test_bad_user_keys(userid: str, idtype: str) -> None:
         user_key(userid, idtype)
 
 
-def test_aliases_resolve_only_once_one_exists(store: Path) -> None:
+def test_the_first_alias_resolves_on_the_next_call(store: Path) -> None:
     with StoreWriter(store) as writer:
         writer.add(b"uid:ours", (writer.intern("synced"),), 0)
     opened = SegmentStore(store, writable=True)
     try:
         keys = [b"uid:theirs", b"eid:src:theirs2"]
         assert opened.resolve(keys, 0, 10).segments_json == []
+        with opened.writer() as writer:  # a commit without aliases: still none
+            writer.add(b"uid:other", (writer.intern("synced"),), 0)
+        assert opened.resolve(keys, 0, 10).segments_json == []
         with opened.writer() as writer:
             writer.map_alias(b"theirs2", b"ours")
-        assert opened.resolve(keys, 0, 10).segments_json == []  # not yet refreshed
-        opened.refresh()
-        assert opened.has_aliases
         assert opened.resolve(keys, 0, 10).segments_json == [b'"synced"']
+        with opened.writer() as writer:
+            writer.map_alias(b"theirs", b"other")
+        assert opened.resolve([b"uid:theirs"], 0, 10).segments_json == [b'"synced"']
         assert opened.alias_of(b"eid:src:theirs2") == b"uid:ours"
         assert opened.alias_of(b"uid:theirs2") == b"uid:ours"
         assert opened.alias_of(b"uid:nobody") is None

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import lmdb
@@ -7,12 +9,27 @@ import pytest
 
 from enrich_server.errors import StoreError
 from enrich_server.store import (
+    FORMAT,
     SegmentStore,
     StoreWriter,
     decode_memberships,
     encode_memberships,
+    pack_segment_id,
 )
 from tests.conftest import StoreFactory
+from tests.utils import ROOT
+
+#: Another process's first DMP writes: a keyed segment, a member, a synced id. Prints the id.
+FIRST_DMP_WRITES = """
+import sys
+from pathlib import Path
+from enrich_server.store import StoreWriter
+with StoreWriter(Path(sys.argv[1])) as writer:
+    sid, _ = writer.create_dmp_segment(7, "Fans", "fans", now=1)
+    writer.add_one(b"uid:ours", sid, 0)
+    writer.map_alias(b"theirs", b"ours")
+print(sid)
+"""
 
 
 def test_memberships_codec_round_trip_groups_by_expiry() -> None:
@@ -66,6 +83,40 @@ def test_reader_sees_segments_created_after_it_opened(make_store: StoreFactory) 
         writer.add(b"uid:b", [writer.intern("second")], 0)
     store = SegmentStore(path)
     assert store.resolve([b"uid:b", b"uid:a"], 0, 500).segments_json == [b'"second"', b'"first"']
+
+
+def test_reader_sees_dmp_tables_another_process_created(tmp_path: Path) -> None:
+    # A store as written before the DMP tables existed (this version's writers make them all).
+    path = tmp_path / "store"
+    env = lmdb.open(str(path), max_dbs=4)
+    with env.begin(write=True) as txn:
+        txn.put(b"format", FORMAT, db=env.open_db(b"meta", txn=txn))
+        txn.put(b"operator_seg", pack_segment_id(1), db=env.open_db(b"segment_ids", txn=txn))
+        txn.put(pack_segment_id(1), b"operator_seg", db=env.open_db(b"segment_names", txn=txn))
+        txn.put(b"uid:op", encode_memberships({1: 0}), db=env.open_db(b"members", txn=txn))
+    env.close()
+    reader = SegmentStore(path)
+    try:
+        keys = [b"uid:theirs", b"uid:op"]
+        assert reader.resolve(keys, 0, 500).segments_json == [b'"operator_seg"']
+        assert reader.dmp_segments() == []
+        written = subprocess.run(
+            [sys.executable, "-c", FIRST_DMP_WRITES, str(path)],
+            cwd=ROOT, check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        sid = int(written.stdout)
+        # The very next calls see them: no refresh, no reopening.
+        assert reader.resolve(keys, 0, 500).segments_json == [b'"fans"', b'"operator_seg"']
+        segment = reader.dmp_segment(sid)
+        assert segment is not None
+        assert (segment.key, segment.platform, segment.title) == ("fans", 7, "Fans")
+        assert [s.segment_id for s in reader.dmp_segments(7)] == [sid]
+        assert reader.alias_of(b"eid:src:theirs") == b"uid:ours"
+        assert list(reader.alias_ids()) == [b"theirs"]
+        with reader.view() as view:
+            assert list(view.aliases()) == [(b"theirs", b"ours")]
+    finally:
+        reader.close()
 
 
 def test_writer_aborts_everything_on_exception(make_store: StoreFactory) -> None:
