@@ -497,3 +497,35 @@ def test_a_delta_load_on_a_replicated_node_is_refused(
     )  # fmt: skip
     assert done.returncode == 2
     assert "must be --replace" in done.stderr
+
+
+def test_nats_killed_during_pushes_loses_no_acknowledged_one(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    with _nodes(tmp_path, make_store, nats, count=2) as (a, b):
+        sid = _create(a, "Pushed")
+        answers: dict[str, int] = {}
+
+        def push_all() -> None:
+            for i in range(200):
+                user = f"p{i}"
+                answers[user] = _push(a, [{"segment": sid, "userid": user}]).status_code
+                time.sleep(0.01)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pushing = pool.submit(push_all)
+            _eventually(lambda: len(answers) >= 20)
+            nats.kill()  # mid-push: SIGKILL, nothing flushed but what was synced
+            _eventually(lambda: 503 in answers.values())
+            nats.start()  # the same store directory
+            pushing.result(timeout=120)
+        acknowledged = [u for u, code in answers.items() if code == 200]
+        refused = [u for u, code in answers.items() if code == 503]
+        assert set(answers.values()) <= {200, 503}
+        assert len(acknowledged) >= 20
+        assert refused
+        for node in (a, b):
+            _eventually(_serves(node, acknowledged[-1], [str(sid)]), timeout=20)
+            for user in acknowledged:
+                assert _segments_of(node, user) == [str(sid)], user
+        _eventually(lambda: _digest(a) == _digest(b))
