@@ -417,6 +417,8 @@ class JetStreamLog:
 
     def _update_lag(self) -> None:
         now = time.monotonic()
+        # What this node applied is in the stream: the last look may be older than that.
+        self.status.last = max(self.status.last, self.status.applied)
         if self.status.applied >= self.status.last:
             self._behind_since = 0.0
             self.status.lag_seconds = 0.0
