@@ -29,14 +29,10 @@ from starlette.routing import Route
 
 from enrich_server.auth import PlatformCredentials
 from enrich_server.config import MAX_PLATFORM_ID, Config, PlatformConfig
-from enrich_server.dmp import MAX_TTL, BatchError
 from enrich_server.errors import SegmentConflictError, StoreError
-from enrich_server.ingestd import IngestClient, ReplayError
-from enrich_server.metrics import Metrics
-from enrich_server.openapi import openapi_document
-from enrich_server.snapshot import segment_name_problem
-from enrich_server.store import MAX_SEGMENT_ID, DmpSegment, SegmentStore
-from enrich_server.sync import (
+from enrich_server.ingest.batches import MAX_TTL, BatchError
+from enrich_server.ingest.local import IngestClient, ReplayError
+from enrich_server.ingest.sync import (
     SignatureChecker,
     our_user_id,
     raw_sync_target,
@@ -46,6 +42,10 @@ from enrich_server.sync import (
     whole_number,
     with_user_id,
 )
+from enrich_server.metrics import Metrics
+from enrich_server.openapi import openapi_document
+from enrich_server.snapshot import segment_name_problem
+from enrich_server.store import MAX_SEGMENT_ID, DmpSegment, SegmentStore
 
 log = logging.getLogger(__name__)
 

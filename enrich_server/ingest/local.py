@@ -37,10 +37,12 @@ import msgspec
 import uvloop
 
 from enrich_server import config as config_module
-from enrich_server import entries
 from enrich_server.config import Config
-from enrich_server.dmp import BatchError, Mutation
-from enrich_server.entries import (
+from enrich_server.errors import SegmentConflictError, StoreError
+from enrich_server.generations import StoreFollower
+from enrich_server.ingest import entries
+from enrich_server.ingest.batches import BatchError, Mutation
+from enrich_server.ingest.entries import (
     CLEAN_ERRORS,
     CreateSegment,
     DeleteSegment,
@@ -49,13 +51,11 @@ from enrich_server.entries import (
     SyncAlias,
     mutations,
 )
-from enrich_server.errors import SegmentConflictError, StoreError
-from enrich_server.generations import StoreFollower
-from enrich_server.jetstream import JetStreamLog
+from enrich_server.ingest.jetstream import JetStreamLog
+from enrich_server.ingest.sync import ReplayGuard
+from enrich_server.ingest.write_queue import WriteQueue
 from enrich_server.log import setup_logging
 from enrich_server.store import SegmentStore, store_dir
-from enrich_server.sync import ReplayGuard
-from enrich_server.writes import WriteQueue
 
 log = logging.getLogger(__name__)
 
