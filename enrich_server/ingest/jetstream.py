@@ -182,8 +182,8 @@ class JetStreamLog:
                 self.status.publish_failures += 1  # answered: not stored
                 raise StoreError(f"the replication log (NATS) refused the write: {exc!r}") from None
             except (TimeoutError, nats.errors.Error) as exc:
-                self.status.publish_failures += 1
                 if attempt + 1 == PUBLISH_ATTEMPTS:
+                    self.status.publish_failures += 1
                     raise UnconfirmedWriteError(
                         f"the replication log (NATS) did not acknowledge it ({exc!r}): it may"
                         " still be applied, and repeating it is safe"
