@@ -35,7 +35,12 @@ from enrich_server.generations import StoreFollower
 from enrich_server.guard import LoadGuard
 from enrich_server.ingest.api import DmpApi
 from enrich_server.log import setup_logging
-from enrich_server.metrics import Metrics, Tally, replication_exposition
+from enrich_server.metrics import (
+    METRICS_FLUSH_SECONDS,
+    Metrics,
+    Tally,
+    replication_exposition,
+)
 from enrich_server.prebid import EMPTY_ORTB, ortb_answer
 from enrich_server.privacy import Privacy, PrivacyPolicy
 from enrich_server.protocol import (
@@ -51,8 +56,6 @@ log = logging.getLogger(__name__)
 
 #: The query parameter that turns an enrichment call into an explain call.
 EXPLAIN_QUERY: Final = b"explain="
-#: How stale a scrape served by another worker may be (this worker's own is exact).
-METRICS_FLUSH_SECONDS = 1.0
 #: Where ``serve`` hands the resolved configuration to worker processes.
 CONFIG_HANDOFF_VARIABLE = "_ENRICH_SERVE_CONFIG"
 #: ... and the Unix socket of the ingestion process, when DMP platforms are configured.

@@ -7,6 +7,12 @@ hide its backlog by slowing the client down (no coordinated omission).
 
 Index throttles a partner on any 4xx/5xx, on timeouts, or when more than 5 % of calls take
 over 5 ms (seed 003, "Circuit breaker logic").
+
+A shed answer (the overload guard's empty ``200 no-cache``) passes the breaker but carries no
+segments, so the check also reports how many answers were shed: the server's
+``enrich_shed_total`` read from its ``/metrics`` before and after the run. Reading the metrics
+costs the hot path nothing, where marking each shed answer with a header would cost bytes on
+every one of them.
 """
 
 from __future__ import annotations
@@ -22,11 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from enrich_server.metrics import METRICS_FLUSH_SECONDS
+
 BREAKER_LATENCY_S: Final = 0.005
 BREAKER_SHARE: Final = 0.05
 #: Upper bounds that keep a check a check, not a load test.
 MAX_REQUESTS: Final = 1_000_000
 MAX_DURATION_S: Final = 600.0
+#: The counter of answers the server's overload guard shed, as ``/metrics`` exposes it.
+SHED_SERIES: Final = b"enrich_shed_total"
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -55,6 +65,9 @@ class CheckResult:
     """Seconds from each answered request's due time to its complete response."""
     late_sends: int = 0
     """Requests the client itself sent over 1 ms after their due time (client too slow)."""
+    shed: int | None = None
+    """Answers the server's guard shed while the check ran (``enrich_shed_total`` before and
+    after; other callers' too), ``None`` when the server exposes no such metric."""
 
     @property
     def completed(self) -> int:
@@ -73,6 +86,13 @@ class CheckResult:
             return 0.0
         slow = sum(1 for latency in self.latencies if latency > BREAKER_LATENCY_S)
         return (slow + self.errors + self.timeouts) / calls
+
+    @property
+    def shed_share(self) -> float | None:
+        """Share of answered calls the server shed (``None`` when unknown)."""
+        if self.shed is None:
+            return None
+        return self.shed / self.completed if self.completed else 0.0
 
     def trips_breaker(self) -> list[str]:
         """Why Index's breaker would trip (empty when it would not)."""
@@ -102,6 +122,8 @@ class CheckResult:
             },
             "over_5ms_share": round(self.over_budget_share, 5),
             "late_sends": self.late_sends,
+            "shed": self.shed,
+            "shed_share": None if self.shed_share is None else round(self.shed_share, 5),
             "breaker_trips": self.trips_breaker(),
         }
 
@@ -225,6 +247,33 @@ class _Checker:
         return None
 
 
+async def read_shed_total(target: Target, timeout: float) -> int | None:
+    """``enrich_shed_total`` from ``/metrics`` on ``target``'s server (``None`` when it
+    cannot be read: not enrich-server, or not reachable)."""
+    request = b"GET /metrics HTTP/1.1\r\n%sConnection: close\r\n\r\n" % target.headers
+    context = ssl.create_default_context() if target.tls else None
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(target.host, target.port, ssl=context), timeout
+        )
+    except (TimeoutError, OSError):
+        return None
+    try:
+        writer.write(request)
+        status, _, body = await asyncio.wait_for(_read_response(reader), timeout)
+    except (TimeoutError, OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+        return None
+    finally:
+        writer.close()
+    if status != 200:
+        return None
+    for line in body.splitlines():
+        name, _, value = line.partition(b" ")
+        if name == SHED_SERIES:
+            return int(float(value))
+    return None
+
+
 async def run_check(
     target: Target,
     bodies: Sequence[bytes],
@@ -234,15 +283,18 @@ async def run_check(
     connections: int = 32,
     timeout: float = 1.0,
     on_answer: AnswerHook | None = None,
+    count_shed: bool = False,
 ) -> CheckResult:
     """Offer ``rate`` requests/s for ``duration`` s over at most ``connections`` connections;
-    ``on_answer`` sees each answer (``replay`` reads their segments)."""
+    ``on_answer`` sees each answer (``replay`` reads their segments). With ``count_shed``,
+    the result says how many answers the server shed (from its ``/metrics``)."""
     total = round(rate * duration)
     if not 0 < total <= MAX_REQUESTS or duration > MAX_DURATION_S:
         raise ValueError(
             f"a check sends 1 to {MAX_REQUESTS:,} requests over at most {MAX_DURATION_S:.0f} s"
         )
     result = CheckResult(rate, duration)
+    shed_before = await read_shed_total(target, timeout) if count_shed else None
     checker = _Checker(target, bodies, timeout, on_answer)
     workers = [asyncio.create_task(checker.worker(result)) for _ in range(connections)]
     start = time.monotonic()
@@ -262,6 +314,12 @@ async def run_check(
     for task in workers:
         task.cancel()
     await asyncio.gather(*workers, return_exceptions=True)
+    if shed_before is not None:
+        # With several workers, another worker's counts reach /metrics at its next flush.
+        await asyncio.sleep(METRICS_FLUSH_SECONDS)
+        shed_after = await read_shed_total(target, timeout)
+        if shed_after is not None:
+            result.shed = shed_after - shed_before
     return result
 
 
@@ -296,6 +354,10 @@ def format_report(result: CheckResult, url: str) -> str:
         f"  latency  p50 {latency['p50']} ms, p99 {latency['p99']} ms, "
         f"p99.9 {latency['p99.9']} ms, max {latency['max']} ms",
         f"  over 5 ms: {result.over_budget_share:.2%} of calls (Index throttles above 5%)",
+        f"  shed     {result.shed:,} of {result.completed:,} ({result.shed_share:.2%}) answered"
+        " empty by the server's overload guard"
+        if result.shed is not None and result.shed_share is not None
+        else "  shed     unknown (no enrich_shed_total on the server's /metrics)",
     ]
     if result.late_sends > result.sent * 0.01:
         lines.append(

@@ -48,6 +48,7 @@ from enrich_server.digest import store_digest
 from enrich_server.errors import ConfigError, EnrichError, SnapshotError
 from enrich_server.explain import explain_call
 from enrich_server.generations import remove_dead_builds
+from enrich_server.guard import clock
 from enrich_server.ingest import checkpoints, replicated_snapshots
 from enrich_server.ingest.dropfiles import (
     DEFAULT_SETTLE_SECONDS,
@@ -709,7 +710,7 @@ def _explain(args: argparse.Namespace) -> int:
     endpoint = enrich_endpoint(config)
     endpoint.store = SegmentStore(args.store)
     try:
-        _, answer = explain_call(endpoint, body)
+        _, answer = explain_call(endpoint, body, clock())  # the guard is off here
     except msgspec.DecodeError as exc:
         print(f"enrich-server: {args.body}: not JSON: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -819,6 +820,7 @@ def _check(args: argparse.Namespace) -> int:
                 duration=args.duration,
                 connections=args.connections,
                 timeout=args.timeout,
+                count_shed=True,
             )
         )
     except (ValueError, OSError) as exc:

@@ -210,7 +210,8 @@ class EnrichConfig:
     )
     guard_lag_ms: float = _opt(
         2.0,
-        "answer empty at once while the event loop lags more than this (ms); 0 = never",
+        "answer empty at once a request that has waited longer than this (ms) when its work"
+        " would start: since its first bytes arrived, plus the event loop's lag; 0 = never",
         _not_negative,
     )
     holdout: float = _opt(

@@ -21,7 +21,7 @@ from starlette.types import Message, Receive, Scope, Send
 from enrich_server.auth import CallScope, EndpointAuth
 from enrich_server.capture import Capture
 from enrich_server.config import EnrichConfig
-from enrich_server.guard import LoadGuard
+from enrich_server.guard import LoadGuard, clock
 from enrich_server.holdout import Holdout
 from enrich_server.keys import request_keys
 from enrich_server.metrics import Tally
@@ -55,7 +55,7 @@ Lookup = tuple[bytes, list[bytes]]
 _NOTHING: Final[Lookup] = (NO_CACHE, [])
 
 log = logging.getLogger(__name__)
-_clock: Final = time.perf_counter
+_clock: Final = clock
 _random: Final = random.random
 
 
@@ -167,14 +167,15 @@ class EnrichEndpoint:
 
     def respond(self, body: bytes, start: float, answer: Answer, empty: bytes) -> Reply:
         """The answer to a call carrying ``body`` (read whole; a GET caller's query string),
-        ``start`` when the call began: shed by the guard, too large, not readable, or what
-        ``answer`` makes of it. ``empty`` is the caller's answer without segments (a shed
+        ``start`` the call's stamp (``guard.clock()`` when its first bytes arrived, or when the
+        ASGI lane began on it): shed by the guard, too large, not readable, or what ``answer``
+        makes of it. ``empty`` is the caller's answer without segments (a shed
         call's, or one a bug cut short). Never raises; counts the answer.
 
         Both lanes call this: the HTTP protocol's fast lane and the ASGI ``EndpointRoute``.
         """
         tally = self.tally
-        if self.guard.should_shed():
+        if self.guard.should_shed(start):
             tally.shed += 1
             tally.request(200, _clock() - start)
             return 200, NO_CACHE, empty, None

@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from enrich_server import keys as keys_module
 from enrich_server.enrich import MAX_SEGMENTS, EnrichEndpoint, read_body
+from enrich_server.guard import clock
 from enrich_server.keys import is_zero_ifa, request_keys
 from enrich_server.openrtb import BidRequest, decode, eids, gpids
 from enrich_server.privacy import COPPA, GDPR_DENIED, GDPR_NO_CONSENT, US_PRIVACY
@@ -36,11 +37,13 @@ _JSON: Final = msgspec.json.Decoder()
 _ENCODER: Final = msgspec.json.Encoder()
 
 
-def explain_call(endpoint: EnrichEndpoint, body: bytes) -> tuple[bytes, dict[str, Any]]:
+def explain_call(
+    endpoint: EnrichEndpoint, body: bytes, stamp: float
+) -> tuple[bytes, dict[str, Any]]:
     """The Cache-Control value and the answer object (``segment_ids`` and ``explain``) for
-    ``body``, as ``/enrich`` answers it. Raises ``msgspec.DecodeError`` for a body that is
-    not JSON."""
-    if endpoint.guard.should_shed():
+    ``body``, as ``/enrich`` answers a call stamped ``stamp`` (``guard.clock()`` when it
+    began). Raises ``msgspec.DecodeError`` for a body that is not JSON."""
+    if endpoint.guard.should_shed(stamp):
         return b"no-cache", {"segment_ids": [], "explain": {"shed": True}}
     cache, out = endpoint.answer(body)
     answer: dict[str, Any] = _JSON.decode(out)
@@ -221,6 +224,7 @@ class ExplainRoute:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer one explain call."""
+        stamp = clock()
         status, headers, payload = 200, [(b"cache-control", b"no-store")], b""
         refusal = self._refusal(scope)
         if scope["method"] != "POST":
@@ -235,7 +239,7 @@ class ExplainRoute:
                 status, payload = 413, _ENCODER.encode({"error": "body too large"})
             else:
                 try:
-                    _, answer = explain_call(self.endpoint, body)
+                    _, answer = explain_call(self.endpoint, body, stamp)
                 except msgspec.DecodeError as exc:
                     status, payload = 400, _ENCODER.encode({"error": f"body is not JSON: {exc}"})
                 except RecursionError:

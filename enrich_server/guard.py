@@ -1,22 +1,26 @@
-"""The partner-side 5 ms guard: shed load while requests queue in the event loop.
+"""The partner-side 5 ms guard: shed a request that has already waited too long.
 
 Index throttles a partner once more than 5 % of its calls take over 5 ms. When offered more
 work than a worker can do, an open-loop client (Index) keeps sending, the backlog grows and
 every answer gets late. Answering "nothing known yet" (the precomputed empty ``no-cache``
 body) at once costs a fraction of the full work, so a request that has already waited too
 long is better shed: the backlog drains and latency stays bounded; Index asks again later.
+Shedding by deadline, not by concurrency: uvicorn's ``limit_concurrency`` answers 503, which
+trips the breaker, and counts connections, not how late a request is.
 
-How long has a request waited before we start on it? Two parts:
+How long has a request waited when we are about to start on it? Two parts:
 
-* **before its batch**: the loop reads all ready sockets, then runs the requests it found
-  one after another. A 1 ms timer measures how late the loop comes round (``lag``): that is
-  how long the requests of this batch sat in socket buffers. A single late tick is a hiccup
-  (a GC pass, the CPU taken away from the VM), not a backlog, so the smaller of the last two
-  lags counts.
-* **within its batch**: the time since the batch's first request started.
+* **since the loop read its bytes**: the HTTP protocol stamps each request with ``clock()``
+  when its first bytes arrive (one clock read per ``data_received``, shared by the requests
+  pipelined in it). Its age when the work would start covers every request served before it
+  in this loop iteration, on its own connection and on the others read in the same batch.
+* **before the loop read them**: bytes sit in the socket buffer while the loop is busy
+  elsewhere. A 1 ms timer measures how late the loop comes round (``lag``). A single late
+  tick is a hiccup (a GC pass, the CPU taken away from the VM), not a backlog, so the smaller
+  of the last two lags counts.
 
-A request whose estimated wait exceeds ``budget`` is shed. The hot-path cost is one clock
-read and a comparison.
+A request whose wait (lag plus age) exceeds ``budget`` is shed. The hot-path cost is one
+clock read and a comparison, plus the stamp's clock read per socket read.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import asyncio
 import time
 from typing import Final
 
-_clock: Final = time.monotonic
+#: The clock request stamps are read from (seconds; only differences mean anything).
+clock: Final = time.perf_counter
 
 
 class LoadGuard:
@@ -40,7 +45,6 @@ class LoadGuard:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._due = 0.0
-        self._batch_start = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -63,22 +67,10 @@ class LoadGuard:
         self._loop = None
         self.lag = 0.0
 
-    def should_shed(self) -> bool:
-        """Whether the request about to be served has waited longer than the budget."""
-        loop = self._loop
-        if loop is None:
-            return False
-        now = _clock()
-        start = self._batch_start
-        if not start:
-            # First request of this batch: note when it began; the callback runs once the
-            # requests queued before it are done, closing the batch.
-            self._batch_start = start = now
-            loop.call_soon(self._end_batch)
-        return self.lag + (now - start) > self.budget
-
-    def _end_batch(self) -> None:
-        self._batch_start = 0.0
+    def should_shed(self, stamp: float) -> bool:
+        """Whether a request stamped ``stamp`` (``clock()`` when its first bytes arrived) has,
+        with the time its bytes sat unread (the loop's lag), waited longer than the budget."""
+        return self._loop is not None and self.lag + (clock() - stamp) > self.budget
 
     def _tick(self) -> None:
         assert self._loop is not None

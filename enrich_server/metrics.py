@@ -51,6 +51,9 @@ from enrich_server.privacy import REASONS
 from enrich_server.store import SegmentStore
 
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+#: How often each worker flushes its tally: how stale a scrape served by another worker may
+#: be (the answering worker's own counts are exact).
+METRICS_FLUSH_SECONDS: Final = 1.0
 #: Resolve Index's 5 ms budget: from 50 us up, and beyond it.
 LATENCY_BUCKETS: Final = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, float("inf"),

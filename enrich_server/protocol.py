@@ -26,7 +26,9 @@ collected from the parser's callbacks, the answer computed synchronously by the 
 ``EnrichEndpoint.respond`` the ASGI route calls, and status line, headers and body leave in
 one ``transport.write``. An explain call (``?explain=1``) takes the ASGI lane. A fast
 request waits its turn behind ASGI requests pipelined before it (it then takes the ASGI
-lane itself), so answers stay in request order.
+lane itself), so answers stay in request order. Each request is stamped when its first bytes
+arrive (one clock read per ``data_received``): the overload guard ages it from there, and one
+that has waited past its budget gets the empty answer before its body is decoded.
 
 The limits travel from the app's lifespan to each connection in the lifespan state
 (``CONNECTIONS_STATE_KEY``; the fast lane's endpoint: ``FAST_LANE_STATE_KEY``), the ASGI
@@ -38,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Final
@@ -50,6 +51,7 @@ from uvicorn.server import ServerState
 
 from enrich_server.config import ServerConfig
 from enrich_server.enrich import Answer, EnrichEndpoint, Reply
+from enrich_server.guard import clock
 
 #: Where the lifespan state holds the worker's ``Connections``.
 CONNECTIONS_STATE_KEY: Final = "enrich_server.connections"
@@ -61,7 +63,7 @@ _NEVER: Final = math.inf
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _JSON_HEAD: Final = b"content-type: application/json\r\ncache-control: "
 _CLOSE: Final = b"connection: close\r\n"
-_clock: Final = time.perf_counter
+_clock: Final = clock
 
 
 class FastLane:
@@ -211,7 +213,8 @@ class EnrichHttpProtocol(HttpToolsProtocol):
         self._fast_size = 0
         self._fast_answered = False  # answered before its body ended (413, 401): discard
         self._fast_keep_alive = True
-        self._fast_start = 0.0
+        self._read_at = 0.0  # when the loop last read bytes from this connection
+        self._stamp = 0.0  # when the first bytes of the request being read arrived
         self._paused_for_writes = False
 
     # Deadlines and idleness.
@@ -240,6 +243,7 @@ class EnrichHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         if self._replaying_head:
             return
+        self._stamp = self._read_at  # the guard ages the request from here
         if self._lanes is None:
             super().on_message_begin()
         else:  # the ASGI scope is built in on_headers_complete, for the ASGI lane only
@@ -291,7 +295,7 @@ class EnrichHttpProtocol(HttpToolsProtocol):
         endpoint = self._active.endpoint
         if self._fast_size > endpoint.max_body:  # answered now, the rest never buffered
             self._fast_chunks = []
-            self._answer_fast(endpoint.too_large(self._fast_start))
+            self._answer_fast(endpoint.too_large(self._stamp))
             return
         self._fast_chunks.append(body)
 
@@ -312,9 +316,7 @@ class EnrichHttpProtocol(HttpToolsProtocol):
                 data = lane.query(self.url)
             else:
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            self._answer_fast(
-                lane.endpoint.respond(data, self._fast_start, lane.answer, lane.empty)
-            )
+            self._answer_fast(lane.endpoint.respond(data, self._stamp, lane.answer, lane.empty))
             return
         super().on_message_complete()
         self._reading = False
@@ -345,7 +347,6 @@ class EnrichHttpProtocol(HttpToolsProtocol):
         self._fast = True
         self._active = lane
         self._fast_size = 0
-        self._fast_start = _clock()
         self._fast_keep_alive = (
             self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
         )
@@ -358,7 +359,7 @@ class EnrichHttpProtocol(HttpToolsProtocol):
             scope = {"headers": self.headers, "query_string": query, "client": self.client}
             refusal = endpoint.refuse(scope)
             if refusal is not None:  # before the body, as the ASGI lane does
-                endpoint.tally.request(refusal[0], _clock() - self._fast_start)
+                endpoint.tally.request(refusal[0], _clock() - self._stamp)
                 self._answer_fast(refusal)
                 return
         if self.expect_100_continue:
@@ -399,6 +400,7 @@ class EnrichHttpProtocol(HttpToolsProtocol):
         return False  # no WebSocket (or other protocol) is served here
 
     def data_received(self, data: bytes) -> None:
+        self._read_at = _clock()  # one clock read per socket read, shared by what it holds
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)

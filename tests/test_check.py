@@ -33,6 +33,7 @@ def test_check_healthy_server_ok() -> None:
         result = _check(f"{server.url}/enrich", "--rate", "200", "--duration", "1")
     assert "sent 200, answered 200, errors 0, timeouts 0" in result.stdout
     assert "status   200 x 200" in result.stdout
+    assert "shed     0 of 200 (0.00%) answered empty by the server's" in result.stdout
     # Nothing the server answered trips the breaker. Latency can, on a shared machine under
     # load: that verdict is a benchmark's business (bench/), its logic tested in-process.
     verdict = result.stdout.split("verdict: ", 1)[1]
@@ -52,6 +53,19 @@ def test_check_json_output() -> None:
     latency = summary["latency_ms"]
     assert 0 < latency["p50"] <= latency["p99"] <= latency["p99.9"] <= latency["max"]
     assert all("of calls over 5 ms" in trip for trip in summary["breaker_trips"])
+    assert (summary["shed"], summary["shed_share"]) == (0, 0.0)
+
+
+def test_check_reports_the_answers_the_server_shed() -> None:
+    # A budget of 1 us: every request is older than that when its work would start.
+    with run_server(EXAMPLE_STORE, env={"ENRICH_ENRICH_GUARD_LAG_MS": "0.001"}) as server:
+        report = _check(f"{server.url}/enrich", "--rate", "100", "--duration", "1")
+        summary = json.loads(
+            _check(f"{server.url}/enrich", "--rate", "50", "--duration", "1", "--json").stdout
+        )
+    assert "status   200 x 100" in report.stdout
+    assert "shed     100 of 100 (100.00%) answered empty" in report.stdout
+    assert (summary["completed"], summary["shed"], summary["shed_share"]) == (50, 50, 1.0)
 
 
 def test_check_4xx_trips_the_breaker() -> None:
@@ -65,6 +79,7 @@ def test_check_nothing_listening_trips_with_errors() -> None:
     result = _check(f"http://127.0.0.1:{free_port()}/enrich", "--rate", "20", "--duration", "1")
     assert result.returncode == 1
     assert "20 connection errors" in result.stdout
+    assert "shed     unknown (no enrich_shed_total on the server's /metrics)" in result.stdout
 
 
 @pytest.fixture
