@@ -50,7 +50,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from enrich_server.config import ServerConfig
-from enrich_server.enrich import Answer, EnrichEndpoint, Reply
+from enrich_server.enrich import NO_CACHE, Answer, EnrichEndpoint, Reply
 from enrich_server.guard import clock
 
 #: Where the lifespan state holds the worker's ``Connections``.
@@ -90,6 +90,7 @@ class FastLane:
         self._slow_query = slow_query  # a query parameter that sends the call to ASGI
         self._defaults: list[tuple[bytes, bytes]] | None = None
         self._default_lines = b""
+        self._empty_response = b""  # the keep-alive answer without segments, whole
 
     def matches(self, url: bytes) -> bool:
         """Whether a request target is the lane's path, with or without a query (and none
@@ -113,7 +114,15 @@ class FastLane:
         if default_headers is not self._defaults:  # uvicorn renews the list (Date) each second
             self._default_lines = b"".join(n + b": " + v + b"\r\n" for n, v in default_headers)
             self._defaults = default_headers
+            self._empty_response = b"".join(
+                (STATUS_LINE[200], self._default_lines, _JSON_HEAD, NO_CACHE,
+                 b"\r\ncontent-length: %d\r\n\r\n" % len(self.empty), self.empty)
+            )  # fmt: skip
         status, cache, body, extra = reply
+        # Every shed call and every miss, built once a second. Identity checks suffice: an
+        # equal answer built elsewhere takes the general path, to the same bytes.
+        if body is self.empty and cache is NO_CACHE and status == 200 and not close and not extra:
+            return self._empty_response
         parts = [STATUS_LINE[status], self._default_lines, _JSON_HEAD, cache,
                  b"\r\ncontent-length: %d\r\n" % len(body)]  # fmt: skip
         if extra:

@@ -75,7 +75,10 @@ def test_load_bench_smoke_profile_writes_results(tmp_path: Path) -> None:
     enrich_points = [p for p in report["latency"] if p["server"] == "enrich"]
     assert enrich_points
     assert enrich_points[0]["status"] == {"200": enrich_points[0]["completed"]}
-    assert {p["guard_lag_ms"] for p in report["overload"]} == {2.0, 0.0}
+    assert {(p["fraction"], p["guard_lag_ms"]) for p in report["overload"]} == {
+        (1.2, 2.0),
+        (1.2, 0.0),
+    }
     assert "| enrich |" in (out / "load-smoke.md").read_text()
     assert (out / "load-smoke.png").read_bytes().startswith(b"\x89PNG")
 
