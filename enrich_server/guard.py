@@ -10,17 +10,21 @@ trips the breaker, and counts connections, not how late a request is.
 
 How long has a request waited when we are about to start on it? Two parts:
 
-* **since the loop read its bytes**: the HTTP protocol stamps each request with ``clock()``
-  when its first bytes arrive (one clock read per ``data_received``, shared by the requests
-  pipelined in it). Its age when the work would start covers every request served before it
-  in this loop iteration, on its own connection and on the others read in the same batch.
-* **before the loop read them**: bytes sit in the socket buffer while the loop is busy
-  elsewhere. A 1 ms timer measures how late the loop comes round (``lag``). A single late
-  tick is a hiccup (a GC pass, the CPU taken away from the VM), not a backlog, so the smaller
-  of the last two lags counts.
+* **before this loop iteration**: bytes sit in the socket buffer while the loop is busy. A
+  1 ms timer measures how late the loop comes round (``lag``). A single late tick is a hiccup
+  (a GC pass, the CPU taken away from the VM), not a backlog, so the smaller of the last two
+  lags counts.
+* **within it**: the loop reads the ready sockets one after another, each read followed by
+  the work on what it brought, so a connection's bytes wait in its socket while the requests
+  of the connections read before it are served. That is the time since the iteration's first
+  request started (its ``batch``). A request whose first bytes came in an earlier read (a
+  body in several reads, one the loop paused for flow control, an ASGI call) is older than
+  that: the HTTP protocol stamps each request with ``clock()`` when its first bytes arrive
+  (one clock read per ``data_received``, shared by the requests pipelined in it), and the
+  earlier of the stamp and the batch's start counts.
 
-A request whose wait (lag plus age) exceeds ``budget`` is shed. The hot-path cost is one
-clock read and a comparison, plus the stamp's clock read per socket read.
+A request whose wait exceeds ``budget`` is shed. The hot-path cost is one clock read and two
+comparisons per request and one ``call_soon`` per loop iteration, plus the stamp.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class LoadGuard:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._due = 0.0
+        self._batch_start = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -68,9 +73,23 @@ class LoadGuard:
         self.lag = 0.0
 
     def should_shed(self, stamp: float) -> bool:
-        """Whether a request stamped ``stamp`` (``clock()`` when its first bytes arrived) has,
-        with the time its bytes sat unread (the loop's lag), waited longer than the budget."""
-        return self._loop is not None and self.lag + (clock() - stamp) > self.budget
+        """Whether a request stamped ``stamp`` (``clock()`` when its first bytes arrived) has
+        waited longer than the budget, counting the time its bytes may have sat unread."""
+        loop = self._loop
+        if loop is None:
+            return False
+        now = clock()
+        start = self._batch_start
+        if not start:
+            # First request of this iteration: note when it began; the callback runs once
+            # the requests queued before it are done, closing the batch.
+            self._batch_start = start = now
+            loop.call_soon(self._end_batch)
+        # The earlier of the two (a comparison: min() costs a call on the hot path).
+        return self.lag + (now - (stamp if stamp < start else start)) > self.budget
+
+    def _end_batch(self) -> None:
+        self._batch_start = 0.0
 
     def _tick(self) -> None:
         assert self._loop is not None

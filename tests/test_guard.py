@@ -23,11 +23,29 @@ def test_guard_sheds_a_request_older_than_the_budget() -> None:
         guard = LoadGuard(budget=0.005, interval=0.001)
         guard.start(asyncio.get_running_loop())
         await asyncio.sleep(0.01)
-        stamp = clock()  # the request's first bytes arrive
-        seen = [guard.should_shed(stamp)]  # its work starts at once
-        time.sleep(0.006)  # the requests before it took 6 ms, in this same iteration
-        seen.append(guard.should_shed(stamp))
-        seen.append(guard.should_shed(clock()))  # one whose bytes were read just now
+        stamp = clock()  # a request's first bytes arrive; the rest comes in later reads
+        seen = [guard.should_shed(clock())]  # meanwhile, a young one
+        await asyncio.sleep(0.006)
+        seen.append(guard.should_shed(stamp))  # the first one, complete at last
+        seen.append(guard.should_shed(clock()))  # one read just now, in the same iteration
+        guard.stop()
+        return seen
+
+    assert uvloop.run(scenario()) == [False, True, False]
+
+
+def test_guard_sheds_the_tail_of_a_long_batch() -> None:
+    async def scenario() -> list[bool]:
+        guard = LoadGuard(budget=0.005, interval=0.001)
+        guard.start(asyncio.get_running_loop())
+        await asyncio.sleep(0.01)
+        seen = [guard.should_shed(clock())]  # first request of a batch
+        time.sleep(0.006)  # the requests after it took 6 ms in this same iteration
+        # The next socket's bytes are read only now: its stamp is young, it waited anyway.
+        seen.append(guard.should_shed(clock()))
+        await asyncio.sleep(0)  # the batch is over
+        await asyncio.sleep(0.003)
+        seen.append(guard.should_shed(clock()))
         guard.stop()
         return seen
 
