@@ -385,11 +385,26 @@ class EnrichHttpProtocol(HttpToolsProtocol):
         if close:
             transport.close()
             return
-        self.on_response_complete()
+        self._fast_response_complete()
         if self.flow.write_paused and not self._paused_for_writes:
             # The client stops reading: read no more requests until it catches up.
             self._paused_for_writes = True
             self.flow.pause_reading()
+
+    def _fast_response_complete(self) -> None:
+        """uvicorn's ``on_response_complete`` for a fast answer, the connection's idle deadline
+        in place of uvicorn's keep-alive timer: a ``call_later`` per answer and its
+        ``cancel`` on the next request cost 1.6-2.3 us (a shed answer's whole cost is a few
+        times that). Nothing is pipelined behind a fast request (``_fast_lane``)."""
+        registry = self._registry
+        if registry is None:
+            self.on_response_complete()
+            return
+        self.server_state.total_requests += 1
+        self.flow.resume_reading()
+        if not self._reading:
+            self.deadline = self.loop.time() + registry.limits.idle_timeout
+            registry.became_idle(self)
 
     def resume_writing(self) -> None:
         super().resume_writing()

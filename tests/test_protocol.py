@@ -158,6 +158,15 @@ def test_connection_that_sends_nothing_is_closed_at_the_keepalive_timeout(
         assert 0.9 <= _closed_after(sock, 5) <= 1 + LATE
 
 
+def test_connection_idle_after_a_fast_answer_is_closed_at_the_keepalive_timeout(
+    server: RunningServer,
+) -> None:
+    with _connect(server) as sock:
+        sock.sendall(_post(APP))
+        assert APP_ANSWER in _read_answers(sock, 1)[0]
+        assert 0.9 <= _closed_after(sock, 5) <= 1 + LATE
+
+
 def test_busy_keepalive_caller_is_never_cut(server: RunningServer) -> None:
     # Three times every timeout, on one connection: each request resets the deadlines.
     with _connect(server) as sock:
