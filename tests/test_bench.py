@@ -77,6 +77,7 @@ def test_load_bench_smoke_profile_writes_results(tmp_path: Path) -> None:
     assert enrich_points[0]["status"] == {"200": enrich_points[0]["completed"]}
     assert {(p["fraction"], p["guard_lag_ms"]) for p in report["overload"]} == {
         (1.2, 2.0),
+        (1.2, 0.5),
         (1.2, 0.0),
     }
     assert "| enrich |" in (out / "load-smoke.md").read_text()
