@@ -681,12 +681,29 @@ def _compact(args: argparse.Namespace) -> int:
     setup_logging("info")
     if not (store_dir(args.store) / DATA_FILE).is_file():
         SegmentStore(args.store)  # raises the usual "no segment store at ..." error
+    # Dropping expired memberships on one node, at its own clock, would make its digest
+    # differ from the other nodes' (they serve the same either way: expired is nothing).
+    _refuse_replicated(args.store, "compacting one node alone would set it apart from the others")
     with StoreWriter(args.store) as writer:
         removed, deleted = writer.drop_expired(int(time.time()))
     log.info("store compacted", extra={"store": str(args.store), "removed": removed,
                                        "deleted_keys": deleted})  # fmt: skip
     print(f"removed {removed:,} expired memberships; {deleted:,} identities left with none")
     return 0
+
+
+def _refuse_replicated(store: Path, why: str) -> None:
+    """``ConfigError`` when ``store`` follows a replication log: a change made to it alone
+    would reach no other node."""
+    opened = SegmentStore(store)
+    try:
+        sequence = opened.applied_sequence()
+    finally:
+        opened.close()
+    if sequence:
+        raise ConfigError(
+            f"{store} is a replicated node's store (it applied log entries up to {sequence}): {why}"
+        )
 
 
 def _section_ids(text: str) -> list[int]:
@@ -826,16 +843,7 @@ def _drop_file_applier(
         return functools.partial(
             replicated_dropfiles.apply_published, config.replication, store, platforms=platforms
         )
-    opened = SegmentStore(store)
-    try:
-        sequence = opened.applied_sequence()
-    finally:
-        opened.close()
-    if sequence:
-        raise ConfigError(
-            f"{store} is a replicated node's store (it applied log entries up to {sequence}):"
-            " pass the node's --config, so that every node gets the file"
-        )
+    _refuse_replicated(store, "pass the node's --config, so that every node gets the file")
 
     def apply(path: Path) -> FileResult:
         with StoreWriter(store) as writer:

@@ -719,7 +719,7 @@ def test_a_node_replaying_later_with_another_ttl_reaches_the_same_digest(
         original.close()
 
 
-def test_a_replicated_store_is_not_given_a_drop_file_directly(
+def test_a_replicated_store_is_not_given_a_drop_file_or_compacted_directly(
     tmp_path: Path, make_store: StoreFactory, nats: NatsServer
 ) -> None:
     with _nodes(tmp_path, make_store, nats, count=1) as (a,):
@@ -730,6 +730,12 @@ def test_a_replicated_store_is_not_given_a_drop_file_directly(
         assert refused.returncode == 2
         assert "is a replicated node's store" in refused.stderr
         assert _segments_of(a, "x") == []
+        compacted = subprocess.run(
+            [sys.executable, "-m", "enrich_server", "compact", "--store", str(STORES[a.url])],
+            check=False, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert compacted.returncode == 2
+        assert "compacting one node alone" in compacted.stderr
 
 
 def test_the_stream_is_created_with_explicit_limits(
