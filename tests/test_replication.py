@@ -22,8 +22,8 @@ import nats as nats_client
 import pytest
 from nats.js import api as nats_api
 
-from enrich_server import checkpoints, entries, jetstream, objectstore
 from enrich_server.config import load_config, to_json
+from enrich_server.ingest import checkpoints, entries, jetstream, objectstore
 from enrich_server.store import SegmentStore
 from tests.conftest import StoreFactory
 from tests.nats import NatsServer, run_nats

@@ -27,12 +27,12 @@ from typing import Final
 import nats.errors
 from nats.js import api
 
-from enrich_server import entries, objectstore
 from enrich_server.config import PlatformConfig, ReplicationConfig
-from enrich_server.dropfiles import DropFileError, FileResult, prepare
-from enrich_server.entries import DropFile
 from enrich_server.errors import StoreError
-from enrich_server.jetstream import MAX_ENTRY_BYTES, too_large
+from enrich_server.ingest import entries, objectstore
+from enrich_server.ingest.dropfiles import DropFileError, FileResult, prepare
+from enrich_server.ingest.entries import DropFile
+from enrich_server.ingest.jetstream import MAX_ENTRY_BYTES, too_large
 from enrich_server.store import SegmentStore
 
 #: How long the command waits for this node's applier to apply what it published.

@@ -33,11 +33,11 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Final
 
-from enrich_server import entries
 from enrich_server.config import PlatformConfig
-from enrich_server.dmp import ADD, MAX_LISTED_PROBLEMS, OPS, user_key
-from enrich_server.entries import DropFile
 from enrich_server.errors import EnrichError, StoreError
+from enrich_server.ingest import entries
+from enrich_server.ingest.batches import ADD, MAX_LISTED_PROBLEMS, OPS, user_key
+from enrich_server.ingest.entries import DropFile
 from enrich_server.keys import UID
 from enrich_server.store import StoreWriter
 
