@@ -49,7 +49,12 @@ from enrich_server.digest import store_digest
 from enrich_server.errors import ConfigError, EnrichError, SnapshotError
 from enrich_server.explain import explain_call
 from enrich_server.generations import remove_dead_builds
-from enrich_server.ingest import checkpoints, replicated_dropfiles, replicated_snapshots
+from enrich_server.ingest import (
+    checkpoints,
+    replicated_compaction,
+    replicated_dropfiles,
+    replicated_snapshots,
+)
 from enrich_server.ingest.dropfiles import (
     DEFAULT_SETTLE_SECONDS,
     FileResult,
@@ -242,9 +247,13 @@ def _add_compact_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         help="drop expired memberships (safe while serving)",
         description="Remove every membership whose expiry has passed, and identity keys left "
         "with none, in one transaction; running servers keep answering from their snapshot "
-        "meanwhile and see the result on their next request.",
+        "meanwhile and see the result on their next request. With a replicated --config, "
+        "--store is the node's own store: the compaction is published to the replication log "
+        "in slices of keys, and every node applies each one; the command returns once this "
+        "node applied the last.",
     )
     compact.add_argument("--store", type=Path, required=True, help="store directory")
+    compact.add_argument("--config", type=Path, help="a replicated node's configuration")
 
 
 def _add_replication_parsers(
@@ -677,9 +686,17 @@ def _compact(args: argparse.Namespace) -> int:
     setup_logging("info")
     if not (store_dir(args.store) / DATA_FILE).is_file():
         SegmentStore(args.store)  # raises the usual "no segment store at ..." error
+    config = load_config(args.config, os.environ) if args.config else None
+    if config is not None and config.replicated:
+        done = replicated_compaction.compact_published(config.replication, args.store)
+        print(
+            f"published the compaction as of {done.at} in {done.slices:,} slice(s) (log entries"
+            f" {done.first}-{done.last}); this node applied them, every node applies them"
+        )
+        return 0
     # Dropping expired memberships on one node, at its own clock, would make its digest
     # differ from the other nodes' (they serve the same either way: expired is nothing).
-    _refuse_replicated(args.store, "compacting one node alone would set it apart from the others")
+    _refuse_replicated(args.store, "pass the node's --config, so that every node compacts alike")
     with StoreWriter(args.store) as writer:
         removed, deleted = writer.drop_expired(int(time.time()))
     log.info("store compacted", extra={"store": str(args.store), "removed": removed,

@@ -171,3 +171,18 @@ def test_stats_counts_namespaces_and_segments(make_store: StoreFactory) -> None:
     assert stats.file_bytes >= stats.data_bytes > 0
     assert stats.built_at > 0
     assert stats.generation == 1
+
+
+def test_drop_expired_in_slices_covers_every_key_once(make_store: StoreFactory) -> None:
+    store = make_store("".join(f"uid:k{i:03d}\tseg\n" for i in range(250)))
+    with StoreWriter(store) as writer:
+        sid = writer.segment_id("seg")
+        assert sid is not None
+        for i in range(250):
+            writer.add(f"uid:k{i:03d}".encode(), (sid,), 100)  # expired at 100
+    bounds = [b"uid:k050", b"uid:k100", b"uid:k200"]
+    removed = []
+    for start, end in zip([b"", *bounds], [*bounds, None], strict=True):
+        with StoreWriter(store) as writer:
+            removed.append(writer.drop_expired(100, start, end))
+    assert removed == [(50, 50), (50, 50), (100, 100), (50, 50)]

@@ -66,6 +66,16 @@ class DropFile(msgspec.Struct, tag="dropfile", array_like=True, frozen=True):
     users: list[tuple[bytes, bool]]  # (key, add), in the order they are applied
 
 
+class Compact(msgspec.Struct, tag="compact", array_like=True, frozen=True):
+    """``compact`` on a replicated node, one slice of the keys at a time: the memberships
+    expired at ``at_ms`` go from the keys ``start`` up to ``end`` (excluded; ``None``: to the
+    last), on every node alike whenever it applies the entry."""
+
+    at_ms: int  # the publishing node's clock (ms since epoch)
+    start: bytes
+    end: bytes | None
+
+
 class Snapshot(msgspec.Struct, tag="snapshot", array_like=True, frozen=True):
     """``load --replace`` on a replicated node: a built store in the object store, which
     every node downloads, checks, carries its DMP state into and swaps in (``jetstream``)."""
@@ -76,7 +86,7 @@ class Snapshot(msgspec.Struct, tag="snapshot", array_like=True, frozen=True):
 
 
 #: The DMP entries, which ``apply`` applies inside a write transaction.
-Entry = Mutations | CreateSegment | DeleteSegment | SyncAlias | DropFile
+Entry = Mutations | CreateSegment | DeleteSegment | SyncAlias | DropFile | Compact
 #: Everything a replicated log carries.
 LogEntry = Entry | Snapshot
 #: What ``apply`` may refuse an entry with, having written nothing of it.
@@ -154,6 +164,8 @@ def apply(writer: StoreWriter, entry: Entry) -> Any:
         return writer.delete_dmp_segment(entry.segment)
     if isinstance(entry, DropFile):
         return _apply_drop_file(writer, entry)
+    if isinstance(entry, Compact):
+        return list(writer.drop_expired(entry.at_ms // 1000, entry.start, entry.end))
     writer.map_alias(entry.their, entry.ours)
     return None
 

@@ -22,22 +22,13 @@ import asyncio
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Final
-
-import nats.errors
-from nats.js import api
 
 from enrich_server.config import PlatformConfig, ReplicationConfig
-from enrich_server.errors import StoreError
-from enrich_server.ingest import entries, objectstore
+from enrich_server.ingest import entries, objectstore, publisher
 from enrich_server.ingest.dropfiles import DropFileError, FileResult, prepare
 from enrich_server.ingest.entries import DropFile
 from enrich_server.ingest.jetstream import MAX_ENTRY_BYTES, too_large
 from enrich_server.store import SegmentStore
-
-#: How long the command waits for this node's applier to apply what it published.
-APPLY_WAIT_SECONDS: Final = 30.0
-_POLL_SECONDS: Final = 0.05
 
 
 def apply_published(
@@ -45,7 +36,7 @@ def apply_published(
     store: Path,
     path: Path,
     platforms: Mapping[int, PlatformConfig],
-    wait: float = APPLY_WAIT_SECONDS,
+    wait: float = publisher.APPLY_WAIT_SECONDS,
 ) -> FileResult:
     """Validate drop file ``path`` against the node's store at ``store``, publish it and wait
     until the node applied it. Raises ``DropFileError`` (refused: nothing published, or
@@ -59,8 +50,13 @@ def apply_published(
         raise DropFileError(
             path, [f"{prepared.lines:,} lines: {too_large(prepared, len(payload))}"]
         )
-    sequence = asyncio.run(_publish(config, payload, f"dropfile:{prepared.name}:{prepared.sha256}"))
-    record = _wait_applied(store, prepared.name, sequence, wait)
+    msg_id = f"dropfile:{prepared.name}:{prepared.sha256}"
+    sequence = asyncio.run(_publish_and_wait(config, store, payload, msg_id, wait))
+    opened = SegmentStore(store)
+    try:
+        record = opened.applied_file(prepared.name)
+    finally:
+        opened.close()
     if record is None or entries.file_record(record).get("sha256") != prepared.sha256:
         # Refused by every applier alike (before it wrote anything):
         _validate(store, path, platforms)  # raises why: the store changed since it was checked
@@ -87,36 +83,13 @@ def _validate(
         opened.close()
 
 
-async def _publish(config: ReplicationConfig, payload: bytes, msg_id: str) -> int:
+async def _publish_and_wait(
+    config: ReplicationConfig, store: Path, payload: bytes, msg_id: str, wait: float
+) -> int:
     nc = await objectstore.connect(config)
     try:
-        ack = await nc.jetstream().publish(
-            config.subject,
-            payload,
-            timeout=config.publish_timeout,
-            stream=config.stream,
-            headers={api.Header.MSG_ID.value: msg_id},
-        )
-    except (TimeoutError, nats.errors.Error) as exc:
-        raise StoreError(f"the replication log (NATS) did not acknowledge it: {exc!r}") from None
+        sequence = await publisher.publish(nc, config, payload, msg_id)
     finally:
         await nc.close()
-    return ack.seq
-
-
-def _wait_applied(store: Path, name: str, sequence: int, wait: float) -> bytes | None:
-    """The record of ``name`` once the node's store applied entry ``sequence``."""
-    deadline = time.monotonic() + wait
-    while True:
-        opened = SegmentStore(store)  # anew each time: the node may swap generations
-        try:
-            if opened.applied_sequence() >= sequence:
-                return opened.applied_file(name)
-        finally:
-            opened.close()
-        if time.monotonic() > deadline:
-            raise StoreError(
-                f"published as log entry {sequence}, but the node serving {store} has not"
-                f" applied it within {wait:g} s (is it running?): it will be"
-            )
-        time.sleep(_POLL_SECONDS)
+    await publisher.applied(store, sequence, wait)
+    return sequence
