@@ -450,6 +450,7 @@ def test_metrics_report_the_applied_sequence_entries_by_kind_and_lag(
                 "dropfile": 0,
                 "compact": 0,
                 "snapshot": 0,
+                "dropobject": 0,
             }
         # a hung ingestion process: the scrape still answers at once, reporting connected 0
         ingestd = next(
@@ -627,24 +628,19 @@ def test_a_bad_drop_file_on_a_replicated_node_publishes_nothing(
         good = _drop_file(drop, sid, 1, "w1\nw2\tremove\n")
         bad = _drop_file(drop, sid, 2, "w3\nw 4\nw5\tzap\n")
         unknown = _drop_file(drop, 12345, 3, "w6\n")  # not a DMP segment
-        huge = _drop_file(drop, sid, 4, "".join(f"user-{i:017d}\n" for i in range(40_000)))
         direct = _ingest(tmp_path / "n0.toml", STORES[a.url], str(bad))
         assert direct.returncode == 1
         assert f"{bad.name}:2: userid" in direct.stderr
         assert f"{bad.name}:3: op 'zap' is not add or remove" in direct.stderr
         assert _stream_last(nats) == 1  # only the create
         watched = _ingest(tmp_path / "n0.toml", STORES[a.url], "--watch", str(drop), "--once")
-        assert watched.returncode == 1  # three refused
+        assert watched.returncode == 1  # two refused
         assert sorted(p.name for p in (drop / "applied").iterdir()) == [good.name]
         rejected = drop / "rejected"
         assert (rejected / bad.name).is_file()
         why = (rejected / f"{bad.name}.why").read_text().splitlines()
         assert [line.split(": ")[0] for line in why] == [f"{bad.name}:2", f"{bad.name}:3"]
         assert "not a segment a DMP created" in (rejected / f"{unknown.name}.why").read_text()
-        assert (
-            "over the 1,047,552 bytes one dropfile entry may take: split it"
-            in (rejected / f"{huge.name}.why").read_text()
-        )
         assert _stream_last(nats) == 2  # the good file alone
         for node in (a, b):
             _eventually(_serves(node, "w1", [str(sid)]))
@@ -701,6 +697,116 @@ def test_a_drop_file_published_twice_is_applied_once_on_every_node(
             for store in stores:
                 store.close()
         assert _digest(a) == _digest(b)
+
+
+#: Lines of a drop file too large for one entry (about 35,000 fit): it goes through the bucket.
+LARGE_LINES = 60_000
+BUCKET = "enrich-snapshots"  # [replication] bucket's default
+
+
+def _large_drop_file(folder: Path, sid: int, minute: int) -> Path:
+    lines = "".join(f"large-{i:017d}\n" for i in range(LARGE_LINES)) + "leaving\tremove\n"
+    return _drop_file(folder, sid, minute, lines)
+
+
+def _in_bucket(nats: NatsServer, prefix: str) -> list[nats_api.ObjectInfo]:
+    async def names() -> list[nats_api.ObjectInfo]:
+        client = await nats_client.connect(nats.url)
+        try:
+            return await objectstore.names(await client.jetstream().object_store(BUCKET), prefix)
+        finally:
+            await client.close()
+
+    return asyncio.run(names())
+
+
+def _write_object(nats: NatsServer, name: str, data: bytes | None) -> None:
+    """Put ``data`` in the bucket as ``name``, or delete it (``None``)."""
+
+    async def write() -> None:
+        client = await nats_client.connect(nats.url)
+        try:
+            bucket = await client.jetstream().object_store(BUCKET)
+            await (bucket.delete(name) if data is None else bucket.put(name, data))
+        finally:
+            await client.close()
+
+    asyncio.run(write())
+
+
+def _entry_at(nats: NatsServer, sequence: int) -> entries.LogEntry:
+    async def get() -> bytes:
+        client = await nats_client.connect(nats.url)
+        try:
+            data: bytes = (await client.jetstream().get_msg("ENRICH", sequence)).data or b""
+            return data
+        finally:
+            await client.close()
+
+    return entries.decode(asyncio.run(get()))
+
+
+def test_a_drop_file_too_large_for_one_entry_reaches_every_node_through_the_bucket(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    with _nodes(tmp_path, make_store, nats) as (a, b, c):
+        sid = _create(a, "Large")
+        assert _push(a, [{"segment": sid, "userid": "leaving"}]).status_code == 200
+        drop = tmp_path / "drop"
+        path = _large_drop_file(drop, sid, 1)
+        watched = _ingest(tmp_path / "n0.toml", STORES[a.url], "--watch", str(drop), "--once")
+        assert watched.returncode == 0, watched.stderr
+        applied = drop / "applied" / path.name
+        assert applied.is_file()
+        last = f"large-{LARGE_LINES - 1:017d}"
+        assert _segments_of(a, last) == [str(sid)]  # applied here before it returned
+        (stored,) = _in_bucket(nats, "dropfile-")
+        assert stored.size == applied.stat().st_size  # the file as dropped
+        entry = _entry_at(nats, 3)
+        assert isinstance(entry, entries.DropFileObject)
+        assert (entry.object, entry.size, entry.lines) == (stored.name, stored.size, 60_001)
+        for node in (b, c):
+            _eventually(_serves(node, last, [str(sid)]), timeout=30)
+            assert _segments_of(node, "large-00000000000000000") == [str(sid)]
+            assert _segments_of(node, "leaving") == []
+        _eventually(lambda: _digest(a) == _digest(b) == _digest(c))
+        assert _digest(a)["sequence"] == 3
+        again = _ingest(tmp_path / "n1.toml", STORES[b.url], str(applied))  # on another node
+        assert again.returncode == 0, again.stderr
+        assert "already applied, skipped" in again.stdout
+        assert _stream_last(nats) == 3  # nothing published the second time
+        assert len(_in_bucket(nats, "dropfile-")) == 1
+
+
+def test_a_large_drop_file_whose_object_is_missing_or_corrupt_halts_a_node_never_skipped(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    store_a, store_b = make_store(SNAPSHOT), make_store(SNAPSHOT)
+    config_a, config_b = _config(tmp_path, "a", nats), _config(tmp_path, "b", nats)
+    with run_server(store_a, "--config", str(config_a)) as a:
+        with run_server(store_b, "--config", str(config_b)) as b:
+            sid = _create(a, "Fragile")
+            _eventually(_applied(b, 1))
+        path = _large_drop_file(tmp_path / "in", sid, 2)
+        original = path.read_bytes()
+        done = _ingest(config_a, store_a, str(path))
+        assert done.returncode == 0, done.stderr
+        assert "applied as log entry 2" in done.stdout
+        (stored,) = _in_bucket(nats, "dropfile-")
+        _write_object(nats, stored.name, None)  # gone before B applied it
+        with run_server(store_b, "--config", str(config_b), wait_for="/healthz") as b:
+            why = "entry 2 (dropobject) cannot be applied: "
+            _eventually(lambda: why + f"{stored.name} is not in the bucket" in str(_ready(b)))
+            _write_object(nats, stored.name, gzip.compress(b"someone-else\n"))  # another one
+            _eventually(lambda: "is not the object the log names" in str(_ready(b)), timeout=20)
+            assert _ready(b)["applied"] == 1  # halted before it, not past it
+            assert _segments_of(b, "large-00000000000000000") == []
+            _write_object(nats, stored.name, original)  # put back: B goes on with it
+            _eventually(_applied(b, 2), timeout=20)
+            assert _ready(b)["status"] == "ready"
+            assert _segments_of(b, "large-00000000000000000") == [str(sid)]
+            STORES[a.url], STORES[b.url] = store_a, store_b
+            assert _digest(a) == _digest(b)
 
 
 def _ttl_config(tmp_path: Path, name: str, nats: NatsServer, ttl: int) -> Path:

@@ -66,6 +66,27 @@ class DropFile(msgspec.Struct, tag="dropfile", array_like=True, frozen=True):
     users: list[tuple[bytes, bool]]  # (key, add), in the order they are applied
 
 
+class DropFileObject(msgspec.Struct, tag="dropobject", array_like=True, frozen=True):
+    """A drop file too large for one entry (``dropobjects``): its ``DropFile`` but for the
+    users, which every node reads from the file itself, object ``object`` of ``[replication]
+    bucket`` (``size`` bytes, SHA-256 ``sha256``)."""
+
+    name: str
+    sha256: str
+    segment: int
+    lines: int
+    at_ms: int
+    expires: int
+    object: str
+    size: int
+
+    def with_users(self, users: list[tuple[bytes, bool]]) -> DropFile:
+        """The entry applied, once the file's users were read."""
+        return DropFile(
+            self.name, self.sha256, self.segment, self.lines, self.at_ms, self.expires, users
+        )
+
+
 class Compact(msgspec.Struct, tag="compact", array_like=True, frozen=True):
     """``compact`` on a replicated node, one slice of the keys at a time: the memberships
     expired at ``at_ms`` go from the keys ``start`` up to ``end`` (excluded; ``None``: to the
@@ -87,8 +108,8 @@ class Snapshot(msgspec.Struct, tag="snapshot", array_like=True, frozen=True):
 
 #: The DMP entries, which ``apply`` applies inside a write transaction.
 Entry = Mutations | CreateSegment | DeleteSegment | SyncAlias | DropFile | Compact
-#: Everything a replicated log carries.
-LogEntry = Entry | Snapshot
+#: Everything a replicated log carries: the DMP entries, and those naming an object.
+LogEntry = Entry | Snapshot | DropFileObject
 #: What ``apply`` may refuse an entry with, having written nothing of it.
 CLEAN_ERRORS: Final = (BatchError, SegmentConflictError)
 #: One outcome per entry: its result, or the clean error that refused it.

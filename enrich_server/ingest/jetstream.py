@@ -42,9 +42,15 @@ from nats.js import JetStreamContext, api
 from enrich_server import config as config_module
 from enrich_server.config import Config, ReplicationConfig
 from enrich_server.errors import StoreError, UnconfirmedWriteError
-from enrich_server.ingest import checkpoints, entries, objectstore, replicated_snapshots
+from enrich_server.ingest import (
+    checkpoints,
+    dropobjects,
+    entries,
+    objectstore,
+    replicated_snapshots,
+)
 from enrich_server.ingest.batches import BatchError
-from enrich_server.ingest.entries import Entry, LogEntry, Outcome, Snapshot
+from enrich_server.ingest.entries import DropFileObject, Entry, LogEntry, Outcome, Snapshot
 from enrich_server.store import SegmentStore, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -394,23 +400,28 @@ class JetStreamLog:
                     f"entry {sequence} is not an entry this version reads: {exc}"
                 ) from None
             expected += 1
-            if isinstance(entry, Snapshot):  # applied alone, after what came before it
+            if isinstance(entry, Snapshot | DropFileObject):  # alone, after what came before
                 await self._apply_entries(batch)
                 batch = []
-                await self._apply_snapshot(sequence, entry)
+                await self._apply_object(sequence, entry)
                 continue
             batch.append((sequence, (msg.headers or {}).get(_MSG_ID), entry))
         await self._apply_entries(batch)
 
-    async def _apply_snapshot(self, sequence: int, entry: Snapshot) -> None:
+    async def _apply_object(self, sequence: int, entry: Snapshot | DropFileObject) -> None:
+        """Apply an entry whose content is an object of the bucket; halt, never skip it,
+        when the bucket cannot give that object."""
         assert self._js is not None
         bucket = await objectstore.bucket(self._js, self._config)
         try:
-            await replicated_snapshots.swap_in(bucket, entry, sequence, self._root, self._run)
-        except FileNotFoundError as exc:
+            if isinstance(entry, Snapshot):
+                await replicated_snapshots.swap_in(bucket, entry, sequence, self._root, self._run)
+            else:
+                await dropobjects.apply(bucket, entry, sequence, self._root, self._run)
+        except (FileNotFoundError, objectstore.CorruptObjectError) as exc:
             raise _HaltedError(
-                f"entry {sequence} is a snapshot no longer in the bucket ({exc}): a checkpoint"
-                " taken after it is needed"
+                f"entry {sequence} ({entries.kind(entry)}) cannot be applied: {exc}; put the"
+                " object back, or restore a checkpoint taken after it"
             ) from None
         self.status.applied = sequence
         self._count(entries.kind(entry))

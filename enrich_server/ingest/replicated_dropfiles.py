@@ -2,11 +2,11 @@
 
 ``enrich-server ingest --config`` with ``[replication]`` validates a file against the node's
 own store exactly as a single node does (a bad file is refused with its bad lines, and
-nothing is published), then publishes it as ONE ``DropFile`` entry: every node applies it
-whole or not at all, in one transaction that records its name. One entry, not parts: a file
-is then all-or-nothing on every node with nothing to reassemble, at the price of a bound,
-``jetstream.MAX_ENTRY_BYTES`` (about 35,000 lines of 22-character user ids), past which the
-file is refused with the advice to split it.
+nothing is published), then publishes it as ONE entry: every node applies it whole or not
+at all, in one transaction that records its name, with nothing to reassemble. A file whose
+``DropFile`` entry (its users inline) fits ``jetstream.MAX_ENTRY_BYTES`` (about 35,000 lines
+of 22-character user ids) goes inline: one message, no upload. A larger one, of any size,
+goes through the object store (``dropobjects``), its entry naming the object.
 
 Its ``Nats-Msg-Id`` is made of its name and SHA-256, so publishing the same file again
 within JetStream's duplicate window stores nothing new; later, every applier skips it by
@@ -24,10 +24,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from enrich_server.config import PlatformConfig, ReplicationConfig
-from enrich_server.ingest import entries, objectstore, publisher
+from enrich_server.ingest import dropobjects, entries, objectstore, publisher
 from enrich_server.ingest.dropfiles import DropFileError, FileResult, prepare
 from enrich_server.ingest.entries import DropFile
-from enrich_server.ingest.jetstream import MAX_ENTRY_BYTES, too_large
+from enrich_server.ingest.jetstream import MAX_ENTRY_BYTES
 from enrich_server.store import SegmentStore
 
 
@@ -45,13 +45,7 @@ def apply_published(
     prepared = _validate(store, path, platforms)
     if isinstance(prepared, FileResult):
         return prepared
-    payload = entries.encode(prepared)
-    if len(payload) > MAX_ENTRY_BYTES:
-        raise DropFileError(
-            path, [f"{prepared.lines:,} lines: {too_large(prepared, len(payload))}"]
-        )
-    msg_id = f"dropfile:{prepared.name}:{prepared.sha256}"
-    sequence = asyncio.run(_publish_and_wait(config, store, payload, msg_id, wait))
+    sequence = asyncio.run(_publish_and_wait(config, store, path, prepared, wait))
     opened = SegmentStore(store)
     try:
         record = opened.applied_file(prepared.name)
@@ -84,10 +78,15 @@ def _validate(
 
 
 async def _publish_and_wait(
-    config: ReplicationConfig, store: Path, payload: bytes, msg_id: str, wait: float
+    config: ReplicationConfig, store: Path, path: Path, prepared: DropFile, wait: float
 ) -> int:
+    payload = entries.encode(prepared)
     nc = await objectstore.connect(config)
     try:
+        if len(payload) > MAX_ENTRY_BYTES:  # the users travel as the file, in the bucket
+            bucket = await objectstore.bucket(nc.jetstream(), config)
+            payload = entries.encode(await dropobjects.upload(bucket, path, prepared))
+        msg_id = f"dropfile:{prepared.name}:{prepared.sha256}"
         sequence = await publisher.publish(nc, config, payload, msg_id)
     finally:
         await nc.close()
