@@ -776,6 +776,14 @@ def test_a_drop_file_too_large_for_one_entry_reaches_every_node_through_the_buck
         assert "already applied, skipped" in again.stdout
         assert _stream_last(nats) == 3  # nothing published the second time
         assert len(_in_bucket(nats, "dropfile-")) == 1
+        # Published again after the duplicate window, its object gone meanwhile: skipped by
+        # its record on every node, not fetched, no halt.
+        _write_object(nats, stored.name, None)
+        assert _publish_raw(nats, entry, "again, later") == 4
+        for node in (a, b, c):
+            _eventually(_applied(node, 4))
+            assert _ready(node)["status"] == "ready"
+        assert _digest(a) == _digest(b) == _digest(c)
 
 
 def test_a_large_drop_file_whose_object_is_missing_or_corrupt_halts_a_node_never_skipped(

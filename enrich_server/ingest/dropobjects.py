@@ -23,6 +23,7 @@ it was taken after that node's sequence (a periodic checkpoint of a caught-up no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -74,6 +75,20 @@ async def apply(
     applier's writer (``run``); returns ``None`` once applied (or applied before), else why
     every node refuses it. ``FileNotFoundError`` when the bucket no longer holds the object,
     ``objectstore.CorruptObjectError`` when it holds another under its name."""
+
+    def skipped(writer: StoreWriter) -> bool:
+        if writer.applied_sequence() >= sequence:
+            return True  # applied by an earlier run of this node
+        with contextlib.suppress(*entries.CLEAN_ERRORS):  # refused by the apply below
+            if entries.applied_before(writer, entry.name, entry.sha256):
+                writer.set_applied_sequence(sequence)
+                return True
+        return False
+
+    # A file published again later (after the duplicate window) is skipped without fetching
+    # its object, which may be gone by then.
+    if await run(skipped):
+        return None
     with objectstore.working_dir(root, "dropfile") as directory:
         path = directory / entry.name
         digest = objectstore.sha256_digest(entry.sha256)

@@ -191,16 +191,24 @@ def apply(writer: StoreWriter, entry: Entry) -> Any:
     return None
 
 
+def applied_before(writer: StoreWriter, name: str, sha256: str) -> bool:
+    """Whether drop file ``name`` with this content is recorded as applied; ``BatchError``
+    when a file of that name with other content is."""
+    earlier = writer.applied_file(name)
+    if earlier is None:
+        return False
+    record = file_record(earlier)
+    if record.get("sha256") == sha256:
+        return True
+    raise BatchError([file_conflict(name, record)])
+
+
 def _apply_drop_file(writer: StoreWriter, entry: DropFile) -> list[int] | None:
     """``[added, removed]``, or ``None`` when this file was applied before (by its name and
     content, however many times it was published). Checked again inside the transaction,
     since the node that made the entry saw the store a moment earlier."""
-    earlier = writer.applied_file(entry.name)
-    if earlier is not None:
-        record = file_record(earlier)
-        if record.get("sha256") == entry.sha256:
-            return None
-        raise BatchError([file_conflict(entry.name, record)])
+    if applied_before(writer, entry.name, entry.sha256):
+        return None
     if writer.dmp_segment(entry.segment) is None:
         raise BatchError([f"segment {entry.segment} was deleted before {entry.name} was applied"])
     added = removed = 0
