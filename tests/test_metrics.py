@@ -124,7 +124,9 @@ def test_replication_series_come_from_the_status() -> None:
         if name == "enrich_replication_entries_applied_total"
     }
     # kinds not applied yet are there from 0, so rate() counts their first entry
-    kinds = {"mutations", "create", "delete", "alias", "dropfile", "compact", "snapshot"}
+    kinds = {
+        "mutations", "create", "delete", "alias", "dropfile", "compact", "snapshot", "dropobject"
+    }  # fmt: skip
     assert set(ENTRY_KINDS) == kinds
     assert by_kind == {"mutations": 30, "create": 10} | dict.fromkeys(
         kinds - {"mutations", "create"}, 0

@@ -225,7 +225,8 @@ def test_real_prometheus_reads_a_replicated_node(make_store: StoreFactory, tmp_p
                 )
                 rates = {r["metric"]["kind"]: float(r["value"][1]) for r in by_kind}
                 assert rates.keys() == {
-                    "mutations", "create", "delete", "alias", "dropfile", "compact", "snapshot"
+                    "mutations", "create", "delete", "alias", "dropfile", "compact", "snapshot",
+                    "dropobject",
                 }  # fmt: skip
                 assert rates["mutations"] > 0
                 assert {rates[k] for k in rates.keys() - {"mutations", "create"}} == {0}
