@@ -28,6 +28,7 @@ Reports the medians over rounds, with the issue's targets and a verdict per line
 ``bench/results/replication-<profile>.{json,md}``.
 
     python -m bench.replication [--profile full|quick] [--rate 20000] [--seconds 30]
+    python -m bench.replication --only applier --rounds 3   # step 5 alone, medians printed
 """
 
 from __future__ import annotations
@@ -443,20 +444,31 @@ def three_nodes(
 
 
 def one_round(
-    number: int, source: Path, enrich_bodies: Path, profile: Profile, cpus: set[int] | None
+    number: int,
+    source: Path,
+    enrich_bodies: Path,
+    profile: Profile,
+    cpus: set[int] | None,
+    *,
+    only: str | None = None,
 ) -> dict[str, Any]:
-    """A fresh nats-server and nodes; steps 1-5."""
+    """A fresh nats-server and nodes; steps 1-5 (``only="applier"``: step 5 alone,
+    ``only="beside"``: steps 1-3 alone)."""
     with tempfile.TemporaryDirectory(prefix="enrich-bench-replication-") as folder:
         work = Path(folder)
         log = work / "servers.log"
+        result: dict[str, Any] = {}
         with run_nats(work / "nats") as server:
-            with three_nodes(work, source, server.url, log, cpus) as ports:
-                segments = create_segments(ports["A"])
-                _wait_applied(ports)
-                result = enrich_beside(ports, segments, enrich_bodies, profile)
-                _wait_applied(ports)  # no backlog carried into the propagation runs
-                result |= propagation(ports, segments, number, profile)
-            result |= applier(work, source, server, log, profile)
+            if only != "applier":
+                with three_nodes(work, source, server.url, log, cpus) as ports:
+                    segments = create_segments(ports["A"])
+                    _wait_applied(ports)
+                    result |= enrich_beside(ports, segments, enrich_bodies, profile)
+                    if only is None:
+                        _wait_applied(ports)  # no backlog carried into the propagation runs
+                        result |= propagation(ports, segments, number, profile)
+            if only != "beside":
+                result |= applier(work, source, server, log, profile)
     result["machine_load_1m"] = os.getloadavg()[0]
     return result
 
@@ -512,6 +524,24 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _summary(result: dict[str, Any]) -> str:
+    """One round's headline figures (those it measured)."""
+    parts = []
+    if "propagation_p99_ms" in result:
+        parts.append(
+            f"propagation p99 {result['propagation_p99_ms']:.1f} ms at"
+            f" {result['propagation_pushed_mps']:,.0f} mut/s"
+        )
+    if "applier_mps" in result:
+        parts.append(f"applier {result['applier_mps']:,.0f} mut/s")
+    if "beside_p99_ms" in result:
+        parts.append(
+            f"/enrich p99 {result['baseline_p99_ms']:.2f} ms alone,"
+            f" {result['beside_p99_ms']:.2f} ms beside {result['beside_pushed_mps']:,.0f} mut/s"
+        )
+    return "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -519,6 +549,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, help="propagation: offered mutations/s")
     parser.add_argument("--seconds", type=float, help="propagation: how long")
     parser.add_argument("--beside-rate", type=float, help="mutations/s beside /enrich")
+    parser.add_argument("--rounds", type=int, help="rounds (the medians are over them)")
+    parser.add_argument(
+        "--applier-entries", type=int, help="applier: micro-batches pre-filled in D's stream"
+    )
+    parser.add_argument(
+        "--only",
+        choices=("applier", "beside"),
+        help="run only the applier step (5) or the /enrich-beside-pushes steps (1-3); prints"
+        " the medians without writing the results files",
+    )
     parser.add_argument(
         "--server-cpus",
         default="0",
@@ -528,7 +568,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     profile = PROFILES[args.profile]
-    overrides = {"rate": args.rate, "seconds": args.seconds, "beside_rate": args.beside_rate}
+    overrides = {
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "beside_rate": args.beside_rate,
+        "rounds": args.rounds,
+        "applier_entries": args.applier_entries,
+    }
     profile = dataclasses.replace(profile, **{k: v for k, v in overrides.items() if v})
     cpus = None if args.server_cpus == "all" else {int(c) for c in args.server_cpus.split(",")}
     if cpus is not None:
@@ -540,16 +586,17 @@ def main(argv: list[str] | None = None) -> int:
         write_bodies(enrich_bodies, profile.identities)
     rounds = []
     for number in range(profile.rounds):
-        result = one_round(number, source, enrich_bodies, profile, cpus)
+        result = one_round(number, source, enrich_bodies, profile, cpus, only=args.only)
         rounds.append(result)
-        print(
-            f"  round {number + 1}: propagation p99 {result['propagation_p99_ms']:.1f} ms at"
-            f" {result['propagation_pushed_mps']:,.0f} mut/s; applier"
-            f" {result['applier_mps']:,.0f} mut/s; /enrich p99 {result['baseline_p99_ms']:.2f}"
-            f" ms alone, {result['beside_p99_ms']:.2f} ms beside"
-            f" {result['beside_pushed_mps']:,.0f} mut/s",
-            flush=True,
-        )
+        print(f"  round {number + 1}: {_summary(result)}", flush=True)
+    if args.only:  # a focused look: medians printed, the results files left to full runs
+        for key in TARGETS:
+            if key in result:
+                runs = ", ".join(_cell(r[key]) for r in rounds)
+                print(
+                    f"  {key}: median {_cell(statistics.median(r[key] for r in rounds))} ({runs})"
+                )
+        return 0
     report = {
         "profile": args.profile,
         **dataclasses.asdict(profile),
