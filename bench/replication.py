@@ -66,8 +66,8 @@ from bench.ingest import (
     serving,
 )
 from bench.synth import cached_store
-from enrich_server import entries
 from enrich_server.config import ReplicationConfig
+from enrich_server.ingest import entries
 from tests.nats import NatsServer, run_nats
 from tests.utils import ROOT, free_port
 

@@ -29,11 +29,11 @@ from enrich_server.amp import EMPTY_TARGETING, rtc_answer
 from enrich_server.auth import ClientCredentials, EndpointAuth
 from enrich_server.capture import Capture
 from enrich_server.config import Config
-from enrich_server.dmp_api import DmpApi
 from enrich_server.enrich import EMPTY_BODY, EndpointRoute, EnrichEndpoint
 from enrich_server.explain import ExplainRoute
 from enrich_server.generations import StoreFollower
 from enrich_server.guard import LoadGuard
+from enrich_server.ingest.api import DmpApi
 from enrich_server.log import setup_logging
 from enrich_server.metrics import Metrics, Tally, replication_exposition
 from enrich_server.prebid import EMPTY_ORTB, ortb_answer

@@ -59,6 +59,7 @@ from enrich_server.snapshot import MAX_REPORTED_PROBLEMS, LoadReport, parse_line
 from enrich_server.store import (
     DATA_FILE,
     DEFAULT_MAP_SIZE,
+    Meta,
     StoreWriter,
     Tables,
     open_environment,
@@ -231,8 +232,8 @@ def _copy_store(live: Path | None, build: Path, map_size: int) -> None:
                 to_db = target.open_db(name, txn=write, **from_db.flags())
                 write.cursor(db=to_db).putmulti(read.cursor(db=from_db), dupdata=True)
             meta = target.open_db(Tables.META, txn=write, create=False)
-            generation = int(write.get(b"generation", b"0", db=meta)) + 1
-            write.put(b"generation", str(generation).encode(), db=meta)
+            generation = int(write.get(Meta.GENERATION, b"0", db=meta)) + 1
+            write.put(Meta.GENERATION, str(generation).encode(), db=meta)
     finally:
         source.close()
         target.close()
@@ -363,8 +364,8 @@ class _Build:
             with env.begin(write=True) as txn:
                 meta = env.open_db(Tables.META, txn=txn, create=False)
                 now = str(int(time.time())).encode()
-                txn.put(b"built_at", now, db=meta)
-                txn.put(b"updated_at", now, db=meta)
+                txn.put(Meta.BUILT_AT, now, db=meta)
+                txn.put(Meta.UPDATED_AT, now, db=meta)
             env.sync(True)
         finally:
             env.close()

@@ -26,7 +26,7 @@ import msgspec
 import uvicorn
 import uvloop
 
-from enrich_server import __version__, checkpoints, ingestd, replicated_snapshots
+from enrich_server import __version__
 from enrich_server.app import (
     CONFIG_HANDOFF_VARIABLE,
     INGEST_SOCKET_VARIABLE,
@@ -45,16 +45,18 @@ from enrich_server.config import (
 )
 from enrich_server.consent_explain import explain as explain_consent
 from enrich_server.digest import store_digest
-from enrich_server.dropfiles import (
+from enrich_server.errors import ConfigError, EnrichError, SnapshotError
+from enrich_server.explain import explain_call
+from enrich_server.generations import remove_dead_builds
+from enrich_server.ingest import checkpoints, replicated_snapshots
+from enrich_server.ingest.dropfiles import (
     DEFAULT_SETTLE_SECONDS,
     DropFileError,
     FileResult,
     apply_file,
     process_directory,
 )
-from enrich_server.errors import ConfigError, EnrichError, SnapshotError
-from enrich_server.explain import explain_call
-from enrich_server.generations import remove_dead_builds
+from enrich_server.ingest.local import Supervisor
 from enrich_server.keys import NAMESPACES, parse_key
 from enrich_server.log import redacted, setup_logging
 from enrich_server.metrics import MULTIPROC_ENV
@@ -444,7 +446,7 @@ def _ingestion_process(config: Config) -> Iterator[str | None]:
         yield None
         return
     with owned_tempdir(INGEST_PREFIX) as folder:
-        supervisor = ingestd.Supervisor(config, str(folder / "ingest.sock"))
+        supervisor = Supervisor(config, str(folder / "ingest.sock"))
         try:
             supervisor.start()
             yield supervisor.socket_path

@@ -9,7 +9,8 @@ and exits non-zero, the HTTP layer never lets one become a 5xx for client input:
      │    └── SegmentConflictError  a DMP segment's key is another segment's
      └── SnapshotError      a snapshot could not be loaded (carries every bad line)
 
-``lmdb.Error`` never escapes ``store.py`` / ``snapshot.py``: it is wrapped in ``StoreError``.
+``lmdb.Error`` never escapes the ``store`` package or ``snapshot.py``: it is wrapped in
+``StoreError``.
 """
 
 from __future__ import annotations

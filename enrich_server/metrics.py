@@ -46,7 +46,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from enrich_server import __version__
 from enrich_server.auth import REASONS as AUTH_REASONS
-from enrich_server.entries import LogEntry
+from enrich_server.ingest.entries import LogEntry
 from enrich_server.privacy import REASONS
 from enrich_server.store import SegmentStore
 

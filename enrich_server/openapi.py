@@ -12,8 +12,8 @@ import msgspec
 
 from enrich_server import __version__
 from enrich_server.config import Config
-from enrich_server.dmp import MAX_TTL, Mutation
-from enrich_server.sync import MAX_THEIR_ID_BYTES
+from enrich_server.ingest.batches import MAX_TTL, Mutation
+from enrich_server.ingest.sync import MAX_THEIR_ID_BYTES
 
 _JSON = "application/json"
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from enrich_server import bulk
-from enrich_server.dmp import BatchError, Mutation, apply_batch, decode_batch, user_key
 from enrich_server.errors import SegmentConflictError
+from enrich_server.ingest.batches import BatchError, Mutation, apply_batch, decode_batch, user_key
+from enrich_server.ingest.write_queue import WriteQueue
 from enrich_server.snapshot import load_snapshots
 from enrich_server.store import SegmentStore, StoreWriter, store_dir
-from enrich_server.writes import WriteQueue
 from tests.conftest import StoreFactory
 
 

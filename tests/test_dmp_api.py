@@ -17,8 +17,8 @@ import pytest
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
+from enrich_server.ingest.sync import sign
 from enrich_server.store import SegmentStore, store_dir
-from enrich_server.sync import sign
 from tests.conftest import StoreFactory
 from tests.utils import ROOT, RunningServer, run_server
 

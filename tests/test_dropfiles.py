@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from enrich_server.config import PlatformConfig
-from enrich_server.dropfiles import (
+from enrich_server.ingest.dropfiles import (
     DropFileError,
     apply_file,
     pending_files,

@@ -17,8 +17,8 @@ from starlette.testclient import TestClient
 
 from enrich_server.app import create_app
 from enrich_server.config import load_config
-from enrich_server.dmp_api import STATUS_TIMEOUT_SECONDS
-from enrich_server.jetstream import Status
+from enrich_server.ingest.api import STATUS_TIMEOUT_SECONDS
+from enrich_server.ingest.jetstream import Status
 from enrich_server.metrics import (
     ENTRY_KINDS,
     LATENCY_BUCKETS,

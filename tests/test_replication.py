@@ -19,8 +19,8 @@ import httpx2 as httpx
 import nats as nats_client
 import pytest
 
-from enrich_server import checkpoints, objectstore
 from enrich_server.config import load_config, to_json
+from enrich_server.ingest import checkpoints, objectstore
 from tests.conftest import StoreFactory
 from tests.nats import NatsServer, run_nats
 from tests.test_metrics import Samples, samples

@@ -9,13 +9,13 @@ import pytest
 
 from enrich_server.errors import StoreError
 from enrich_server.store import (
-    FORMAT,
     SegmentStore,
     StoreWriter,
     decode_memberships,
     encode_memberships,
     pack_segment_id,
 )
+from enrich_server.store.layout import FORMAT
 from tests.conftest import StoreFactory
 from tests.utils import ROOT
 

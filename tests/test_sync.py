@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from enrich_server.sync import (
+from enrich_server.ingest.sync import (
     ReplayGuard,
     SignatureChecker,
     canonical_query,

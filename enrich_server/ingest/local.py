@@ -37,10 +37,12 @@ import msgspec
 import uvloop
 
 from enrich_server import config as config_module
-from enrich_server import entries
 from enrich_server.config import Config
-from enrich_server.dmp import BatchError, Mutation
-from enrich_server.entries import (
+from enrich_server.errors import StoreError
+from enrich_server.generations import StoreFollower
+from enrich_server.ingest import entries, refusals
+from enrich_server.ingest.batches import Mutation
+from enrich_server.ingest.entries import (
     CLEAN_ERRORS,
     CreateSegment,
     DeleteSegment,
@@ -49,13 +51,11 @@ from enrich_server.entries import (
     SyncAlias,
     mutations,
 )
-from enrich_server.errors import SegmentConflictError, StoreError
-from enrich_server.generations import StoreFollower
-from enrich_server.jetstream import JetStreamLog
+from enrich_server.ingest.jetstream import JetStreamLog
+from enrich_server.ingest.sync import ReplayError, ReplayGuard
+from enrich_server.ingest.write_queue import WriteQueue
 from enrich_server.log import setup_logging
 from enrich_server.store import SegmentStore, store_dir
-from enrich_server.sync import ReplayGuard
-from enrich_server.writes import WriteQueue
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +88,11 @@ def frame(message: Any) -> bytes:
     return _LENGTH.pack(len(body)) + body
 
 
-class ReplayError(Exception):
-    """A signed call came a second time."""
-
-
 class IngestClient:
     """A worker's side: ``await client.call(op, *args)``, over a small connection pool.
 
-    Raises ``BatchError`` / ``SegmentConflictError`` / ``StoreError`` as the writer did,
-    and ``StoreError`` when the ingestion process cannot be reached.
+    Raises the refusal the writer raised (``refusals``), and ``StoreError`` when the
+    ingestion process cannot be reached.
     """
 
     def __init__(self, socket_path: str, max_body: int) -> None:
@@ -125,14 +121,7 @@ class IngestClient:
         self._idle.append((reader, writer))
         if reply[0] == "ok":
             return reply[1]
-        _, kind, message, problems = reply
-        if kind == "batch":
-            raise BatchError(problems[0], problems[1])
-        if kind == "conflict":
-            raise SegmentConflictError(message)
-        if kind == "replay":
-            raise ReplayError(message)
-        raise StoreError(message)
+        raise refusals.error_of(*reply[1:])
 
     async def status(self) -> dict[str, Any]:
         """Where the node stands in its log: ``ready``, ``applied``, and when replicated the
@@ -180,17 +169,12 @@ class _Ops:
 
 
 def _error_reply(exc: Exception) -> list[Any]:
-    if isinstance(exc, ReplayError):
-        return ["error", "replay", str(exc), None]
-    if isinstance(exc, BatchError):
-        return ["error", "batch", str(exc), [exc.problems, exc.more]]
-    if isinstance(exc, SegmentConflictError):
-        return ["error", "conflict", str(exc), None]
-    if isinstance(exc, StoreError):
+    refusal = refusals.refusal_of(exc)
+    if refusal is None:
+        log.exception("ingestion request failed")
+    elif refusal.status >= 500:
         log.error("store write failed", extra={"error": str(exc)})
-        return ["error", "store", str(exc), None]
-    log.exception("ingestion request failed")
-    return ["error", "internal", f"{type(exc).__name__}: {exc}", None]
+    return refusals.reply(exc)
 
 
 async def _serve(config: Config, socket_path: str, parent: int, ready: Event) -> None:

@@ -149,6 +149,10 @@ class SignatureChecker:
         return None
 
 
+class ReplayError(Exception):
+    """A signed call came a second time."""
+
+
 class ReplayGuard:
     """Remembers the signatures used within the window: a signed ``/uid`` is applied once."""
 

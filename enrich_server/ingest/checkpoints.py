@@ -30,10 +30,10 @@ import nats.errors
 from nats.js.object_store import ObjectStore
 
 from enrich_server import config as config_module
-from enrich_server import objectstore
 from enrich_server.config import Config
 from enrich_server.errors import StoreError
 from enrich_server.generations import open_current, publish, remove_unused
+from enrich_server.ingest import objectstore
 from enrich_server.log import setup_logging
 from enrich_server.store import SegmentStore
 
@@ -143,7 +143,7 @@ def _sequence_of(directory: Path) -> int:
 
 
 async def take_in_process(config_json: bytes) -> int:
-    """Run ``take`` in a new process (``python -m enrich_server.checkpoints``, the config on
+    """Run ``take`` in a new process (``python -m enrich_server.ingest.checkpoints``, the config on
     its stdin), so that copying the store holds neither this process's loop nor its GIL;
     returns its exit code. Cancelled: the process is killed."""
     process = await asyncio.create_subprocess_exec(

@@ -30,8 +30,8 @@ from typing import Final
 import msgspec
 
 from enrich_server.config import PlatformConfig
-from enrich_server.dmp import ADD, MAX_LISTED_PROBLEMS, OPS, user_key
 from enrich_server.errors import EnrichError
+from enrich_server.ingest.batches import ADD, MAX_LISTED_PROBLEMS, OPS, user_key
 from enrich_server.keys import UID
 from enrich_server.store import StoreWriter
 

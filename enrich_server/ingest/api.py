@@ -29,14 +29,11 @@ from starlette.routing import Route
 
 from enrich_server.auth import PlatformCredentials
 from enrich_server.config import MAX_PLATFORM_ID, Config, PlatformConfig
-from enrich_server.dmp import MAX_TTL, BatchError
-from enrich_server.errors import SegmentConflictError, StoreError
-from enrich_server.ingestd import IngestClient, ReplayError
-from enrich_server.metrics import Metrics
-from enrich_server.openapi import openapi_document
-from enrich_server.snapshot import segment_name_problem
-from enrich_server.store import MAX_SEGMENT_ID, DmpSegment, SegmentStore
-from enrich_server.sync import (
+from enrich_server.errors import StoreError
+from enrich_server.ingest import refusals
+from enrich_server.ingest.batches import MAX_TTL
+from enrich_server.ingest.local import IngestClient
+from enrich_server.ingest.sync import (
     SignatureChecker,
     our_user_id,
     raw_sync_target,
@@ -46,6 +43,10 @@ from enrich_server.sync import (
     whole_number,
     with_user_id,
 )
+from enrich_server.metrics import Metrics
+from enrich_server.openapi import openapi_document
+from enrich_server.snapshot import segment_name_problem
+from enrich_server.store import MAX_SEGMENT_ID, DmpSegment, SegmentStore
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ STATUS_TIMEOUT_SECONDS: Final = 0.5
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"status": "error", "error": message, **extra}, status, _NO_STORE)
+def _error(status: int, error: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"status": "error", "error": error, **extra}, status, _NO_STORE)
 
 
 def _ok(**fields: Any) -> JSONResponse:
@@ -70,11 +71,6 @@ def _ok(**fields: Any) -> JSONResponse:
 def _unencoded_target(query: str) -> bool:
     """Whether the query starts with the seed's unencoded ``out=https://...`` template."""
     return query.startswith("out=") and "://" in query[4:].split("&", 1)[0]
-
-
-def _refused_batch(exc: BatchError) -> JSONResponse:
-    more = {"more": exc.more} if exc.more else {}
-    return _error(400, "batch refused, nothing applied", problems=exc.problems, **more)
 
 
 def _segment_json(segment: DmpSegment) -> dict[str, Any]:
@@ -220,11 +216,7 @@ class DmpApi:
         if problem:
             return _error(400, problem)
         ours, _ = our_user_id(request.cookies.get(self._config.dmp.cookie))
-
-        try:
-            await self._write("alias", their.encode(), ours.encode(), given.get("sig", "").lower())
-        except ReplayError as exc:
-            return _error(403, str(exc))
+        await self._write("alias", their.encode(), ours.encode(), given.get("sig", "").lower())
         mapped = _ok()
         mapped.headers["set-cookie"] = self._cookie(ours)
         return mapped
@@ -304,10 +296,7 @@ class DmpApi:
             problem = "all digits: numbers are the default keys of segments created without one"
         if problem:
             return _error(400, f"key: {problem}")
-        try:
-            sid, created = await self._write("create", platform.id, title, key)
-        except SegmentConflictError as exc:
-            return _error(409, str(exc))
+        sid, created = await self._write("create", platform.id, title, key)
         if created:
             log.info(
                 "segment created",
@@ -334,10 +323,7 @@ class DmpApi:
 
     async def _apply(self, platform: PlatformConfig, op: str, payload: Any) -> Response:
         started = time.perf_counter()
-        try:
-            count, ops = await self._write(op, platform.id, payload)
-        except BatchError as exc:
-            return _refused_batch(exc)
+        count, ops = await self._write(op, platform.id, payload)
         for name, applied in ops.items():
             self._metrics.ingested(platform.name, name, applied)
         log.info(
@@ -351,15 +337,17 @@ class DmpApi:
         return _ok(applied=count)
 
     async def _write(self, op: str, *args: Any) -> Any:
+        """Run a write in the ingestion process; a refusal ends the request with the answer
+        ``refusals`` gives it (nothing was applied)."""
         if self._ingest is None:
             raise _RefusedError(_error(503, "the ingestion process is not running"))
         try:
             return await self._ingest.call(op, *args)
-        except SegmentConflictError:
-            raise
-        except StoreError as exc:  # the disk or the map, not the client: nothing was applied
-            log.error("store write failed", extra={"error": str(exc)})
-            raise _RefusedError(_error(503, f"store write failed, nothing applied: {exc}")) from exc
+        except refusals.REFUSED as exc:
+            status, fields = refusals.answer(exc)
+            if status >= 500:  # the disk, the map or the log, not the client
+                log.error("store write failed", extra={"error": str(exc)})
+            raise _RefusedError(_error(status, **fields)) from exc
 
     def _open_store(self) -> SegmentStore:
         store = self._store()

@@ -27,11 +27,11 @@ import nats.js.errors
 from nats.js import api
 from nats.js.object_store import ObjectStore
 
-from enrich_server import entries, objectstore
 from enrich_server.config import Config
-from enrich_server.entries import Snapshot
 from enrich_server.errors import SegmentConflictError, StoreError
 from enrich_server.generations import publish, remove_unused
+from enrich_server.ingest import entries, objectstore
+from enrich_server.ingest.entries import Snapshot
 from enrich_server.snapshot import LoadReport, load_snapshots
 from enrich_server.store import DATA_FILE, StoreWriter, store_dir
 

@@ -39,11 +39,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from enrich_server import checkpoints, entries, objectstore, replicated_snapshots
 from enrich_server import config as config_module
 from enrich_server.config import Config
-from enrich_server.entries import Entry, Outcome, Snapshot
 from enrich_server.errors import StoreError
+from enrich_server.ingest import checkpoints, entries, objectstore, replicated_snapshots
+from enrich_server.ingest.entries import Entry, Outcome, Snapshot
 from enrich_server.store import SegmentStore, StoreWriter
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from typing import Any, Final
 
 import msgspec
 
-from enrich_server.dmp import BatchError, Mutation, apply_batch, decode_batch, plan_batch
 from enrich_server.errors import SegmentConflictError
+from enrich_server.ingest.batches import BatchError, Mutation, apply_batch, decode_batch, plan_batch
 from enrich_server.store import SegmentStore, StoreWriter
 
 
