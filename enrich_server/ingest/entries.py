@@ -11,13 +11,25 @@ before it wrote anything, so a refused entry does not spoil the others of its tr
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any, Final
 
 import msgspec
 
 from enrich_server.errors import SegmentConflictError
-from enrich_server.ingest.batches import BatchError, Mutation, apply_batch, decode_batch, plan_batch
+from enrich_server.ingest.batches import (
+    Applied,
+    BatchError,
+    Mutation,
+    Planned,
+    applied,
+    apply_batch,
+    decode_batch,
+    plan_batch,
+    plan_in,
+)
 from enrich_server.store import SegmentStore, StoreWriter
 
 
@@ -114,8 +126,7 @@ def apply(writer: StoreWriter, entry: Entry) -> Any:
     """Apply one entry in ``writer``'s transaction; returns what its caller is answered
     (msgpack-able), or raises one of ``CLEAN_ERRORS`` having written nothing."""
     if isinstance(entry, Mutations):
-        applied = apply_batch(writer, entry.platform, entry.ttl, entry.items, entry.now)
-        return [applied.count, dict(applied.ops)]
+        return _answer(apply_batch(writer, entry.platform, entry.ttl, entry.items, entry.now))
     if isinstance(entry, CreateSegment):
         return list(writer.create_dmp_segment(entry.platform, entry.title, entry.key, entry.now))
     if isinstance(entry, DeleteSegment):
@@ -129,11 +140,42 @@ def apply(writer: StoreWriter, entry: Entry) -> Any:
 
 
 def apply_all(writer: StoreWriter, entries: Sequence[Entry]) -> list[Outcome]:
-    """Apply ``entries`` in order in one transaction; a refused one is skipped, not fatal."""
+    """Apply ``entries`` in order in one transaction; a refused one is skipped, not fatal.
+
+    Consecutive micro-batches are validated one by one, then written together, merged in key
+    order (stable: a user's mutations keep the order of their entries), so that a user pushed
+    by several of them is read and written once. Their validation reads only the segments,
+    which no micro-batch changes; any other entry is applied after the micro-batches before
+    it were written."""
     outcomes: list[Outcome] = []
+    run: list[Planned] = []
     for entry in entries:
+        if isinstance(entry, Mutations):
+            try:
+                planned = plan_in(writer, entry.platform, entry.ttl, entry.items, entry.now)
+            except BatchError as refused:
+                outcomes.append((None, refused))
+                continue
+            run.append(planned)
+            outcomes.append((_answer(applied(planned)), None))
+            continue
+        _write(writer, run)
         try:
             outcomes.append((apply(writer, entry), None))
         except CLEAN_ERRORS as refused:
             outcomes.append((None, refused))
+    _write(writer, run)
     return outcomes
+
+
+def _answer(done: Applied) -> list[Any]:
+    return [done.count, dict(done.ops)]
+
+
+def _write(writer: StoreWriter, run: list[Planned]) -> None:
+    """Write the planned micro-batches of ``run`` (each in key order already), and empty it."""
+    if len(run) == 1:
+        writer.apply_changes(run[0])
+    elif run:
+        writer.apply_changes(sorted(itertools.chain.from_iterable(run), key=itemgetter(0)))
+    run.clear()
