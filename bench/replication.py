@@ -22,7 +22,8 @@ bounded in time and count:
    ``applier_entries`` micro-batch entries published straight into the stream, D started
    again; its applied sequence (``/readyz``) sampled every ``SAMPLE_SECONDS`` until it reaches
    the stream's end; mutations/s between the first and the last sample (the seconds before
-   D's worker answers are not counted, nor their entries).
+   D's worker answers are not counted, nor their entries), and the CPU seconds D's ingestion
+   process used per million of them.
 
 Reports the medians over rounds, with the issue's targets and a verdict per line; writes
 ``bench/results/replication-<profile>.{json,md}``.
@@ -61,7 +62,9 @@ from bench.ingest import (
     CONFIG,
     auth_headers,
     batch_bodies,
+    cpu_seconds,
     create_segments,
+    ingestion_pid,
     open_loop,
     serving,
 )
@@ -117,6 +120,7 @@ TARGETS: Final[dict[str, tuple[str, tuple[str, float | str] | None]]] = {
     "propagation_pushed_mps": ("mut/s", (">=", "rate")),
     "propagation_push_failures": ("batches", ("=", 0.0)),
     "applier_mps": ("mut/s", (">=", 150_000.0)),
+    "applier_cpu_s_per_m": ("CPU s per 1 M mutations", None),
     "enrich_saturated_rps": ("req/s", None),
     "enrich_rate": ("req/s", None),
     "baseline_p50_ms": ("ms", None),
@@ -390,16 +394,21 @@ def applier(
         segments = create_segments(port)
     last = asyncio.run(_publish(server.url, batch_bodies(segments, profile.applier_entries, 11)))
     port = free_port()
-    samples: list[tuple[float, int]] = []
+    # (time, applied sequence, CPU seconds D's ingestion process used so far)
+    samples: list[tuple[float, int, float]] = []
+    server_pid: list[int] = []
     done = threading.Event()
 
     def sample() -> None:
         # Bounded: ``done`` is set once serving() below ends, however it ends.
+        ingestion = None
         while not done.is_set():
             with contextlib.suppress(OSError, ValueError, http.client.HTTPException):
+                if ingestion is None and server_pid:
+                    ingestion = ingestion_pid(server_pid[0])
                 applied = _status(port).get("applied")
-                if applied is not None:
-                    samples.append((time.perf_counter(), applied))
+                if applied is not None and ingestion is not None:
+                    samples.append((time.perf_counter(), applied, cpu_seconds(ingestion)))
                     if applied >= last:
                         return
             time.sleep(SAMPLE_SECONDS)
@@ -407,20 +416,25 @@ def applier(
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        with serving(store, config, 1, log, None, port=port, timeout=120.0):
+        with serving(
+            store, config, 1, log, None, port=port, timeout=120.0, started=server_pid.append
+        ):
             sampler.join(timeout=10)  # ready means caught up: the next sample says so
     finally:
         done.set()
         sampler.join()
     shutil.rmtree(store)
-    (start, first), (end, final) = samples[0], samples[-1]
+    (start, first, cpu_start), (end, final, cpu_end) = samples[0], samples[-1]
     if final < last or first >= last:
         raise RuntimeError(
             f"no catch-up to time: first sample at {first}, last at {final}, stream end {last};"
             " publish more entries (applier_entries)"
         )
+    mutations = (final - first) * BATCH_ITEMS
     return {
-        "applier_mps": (final - first) * BATCH_ITEMS / (end - start),
+        "applier_mps": mutations / (end - start),
+        # What the applier costs whatever else runs beside it (the machine is shared).
+        "applier_cpu_s_per_m": (cpu_end - cpu_start) / mutations * 1e6,
         "applier_timed_entries": final - first,
     }
 
@@ -517,7 +531,9 @@ def markdown(report: dict[str, Any]) -> str:
         f" them); `*_over_5ms` counts calls over 5 ms or unanswered. Applier: node D alone,"
         f" {report['applier_mutations']:,} mutations pre-filled in its stream, mutations/s"
         f" between its first and last `/readyz` sample ({median['applier_timed_entries']:,.0f}"
-        f" of its {report['applier_entries']:,} entries timed). `machine_load_1m`: the 1-minute"
+        f" of its {report['applier_entries']:,} entries timed), and the CPU time its ingestion"
+        " process used meanwhile (less sensitive than the rate to what else the machine runs)."
+        " `machine_load_1m`: the 1-minute"
         " load average at the end of each round, this benchmark's processes included.",
         "",
     ]
@@ -533,7 +549,10 @@ def _summary(result: dict[str, Any]) -> str:
             f" {result['propagation_pushed_mps']:,.0f} mut/s"
         )
     if "applier_mps" in result:
-        parts.append(f"applier {result['applier_mps']:,.0f} mut/s")
+        parts.append(
+            f"applier {result['applier_mps']:,.0f} mut/s,"
+            f" {result['applier_cpu_s_per_m']:.2f} CPU s per 1 M"
+        )
     if "beside_p99_ms" in result:
         parts.append(
             f"/enrich p99 {result['baseline_p99_ms']:.2f} ms alone,"
