@@ -374,8 +374,10 @@ async def _publish(url: str, bodies: list[bytes]) -> int:
         acks = []
         for body in bodies:
             entry = entries.mutations(PLATFORM["id"], PLATFORM["ttl"], body, BATCH_ITEMS, now)
+            # Planned as a node would before publishing (the segments are all the platform's).
+            changes = entries.changes_of(lambda _: PLATFORM["id"], entry)
             acks.append(
-                await js.publish_async(subject, entries.encode(entry), stream=APPLIER_STREAM)
+                await js.publish_async(subject, entries.encode(changes), stream=APPLIER_STREAM)
             )
         return max(ack.seq for ack in await asyncio.gather(*acks))
     finally:

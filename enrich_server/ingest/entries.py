@@ -12,7 +12,7 @@ before it wrote anything, so a refused entry does not spoil the others of its tr
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any, Final
 
@@ -34,12 +34,23 @@ from enrich_server.store import SegmentStore, StoreWriter
 
 
 class Mutations(msgspec.Struct, tag="mutations", array_like=True, frozen=True):
-    """Adds and removes of one platform (a micro-batch, or a single ``?id=&userid=``)."""
+    """Adds and removes of one platform (a micro-batch, or a single ``?id=&userid=``), as
+    the API received them; the replicated log carries them as ``Changes``."""
 
     platform: int
     ttl: int  # the platform's default TTL when the entry was made
     now: int  # unix seconds the expiries count from
     items: list[Mutation | str]  # a string: why that item is malformed (refused on apply)
+
+
+class Changes(msgspec.Struct, tag="mutations", array_like=True, frozen=True):
+    """``Mutations`` validated before publishing (``checked``): the ``(key, segment, add,
+    expires)`` they plan, in key order. Every node applies them as they are, so none
+    repeats the items' validation; it checks again only that each segment is still the
+    platform's (a delete may have come first)."""
+
+    platform: int
+    changes: Planned
 
 
 class CreateSegment(msgspec.Struct, tag="create", array_like=True, frozen=True):
@@ -75,9 +86,9 @@ class Snapshot(msgspec.Struct, tag="snapshot", array_like=True, frozen=True):
 
 
 #: The DMP entries, which ``apply`` applies inside a write transaction.
-Entry = Mutations | CreateSegment | DeleteSegment | SyncAlias
-#: Everything a replicated log carries.
-LogEntry = Entry | Snapshot
+Entry = Mutations | Changes | CreateSegment | DeleteSegment | SyncAlias
+#: Everything a replicated log carries (micro-batches as ``Changes``).
+LogEntry = Changes | CreateSegment | DeleteSegment | SyncAlias | Snapshot
 #: What ``apply`` may refuse an entry with, having written nothing of it.
 CLEAN_ERRORS: Final = (BatchError, SegmentConflictError)
 #: One outcome per entry: its result, or the clean error that refused it.
@@ -87,7 +98,7 @@ _ENCODER: Final = msgspec.msgpack.Encoder()
 _DECODER: Final = msgspec.msgpack.Decoder(LogEntry)
 
 
-def kind(entry: LogEntry) -> str:
+def kind(entry: Entry | LogEntry) -> str:
     """The entry's kind, as its encoding tags it (``mutations``, ``create``, ...)."""
     tag: str = entry.__struct_config__.tag  # type: ignore[assignment]
     return tag
@@ -109,17 +120,26 @@ def mutations(platform: int, ttl: int, body: bytes, max_items: int, now: int) ->
     return Mutations(platform, ttl, now, decode_batch(body, max_items))
 
 
-def check(view: SegmentStore, entry: Entry) -> None:
-    """Refuse, before it is published, an entry the store as ``view`` sees it would refuse
-    (``BatchError``): a bad batch gets its 400 and never reaches the log. Applying re-checks
-    inside the write transaction, since the view may be a moment old."""
-    if isinstance(entry, Mutations):
+def checked(view: SegmentStore, entry: Entry) -> LogEntry:
+    """The entry as the replicated log carries it, once refused (``BatchError``) if the
+    store as ``view`` sees it would refuse it: a bad batch gets its 400 and never reaches the
+    log. Applying re-checks the segments inside the write transaction, since the view may be
+    a moment old."""
+    if not isinstance(entry, Mutations):
+        return entry
 
-        def owner_of(sid: int) -> int | None:
-            segment = view.dmp_segment(sid)
-            return None if segment is None else segment.platform
+    def owner_of(sid: int) -> int | None:
+        segment = view.dmp_segment(sid)
+        return None if segment is None else segment.platform
 
-        plan_batch(owner_of, entry.platform, entry.ttl, entry.items, entry.now)
+    return changes_of(owner_of, entry)
+
+
+def changes_of(owner_of: Callable[[int], int | None], entry: Mutations) -> Changes:
+    """``entry`` validated into its ``Changes`` (``plan_batch``; ``owner_of(segment)`` is the
+    platform owning a segment); raises ``BatchError`` listing every bad item."""
+    planned = plan_batch(owner_of, entry.platform, entry.ttl, entry.items, entry.now)
+    return Changes(entry.platform, planned)
 
 
 def apply(writer: StoreWriter, entry: Entry) -> Any:
@@ -127,6 +147,10 @@ def apply(writer: StoreWriter, entry: Entry) -> Any:
     (msgpack-able), or raises one of ``CLEAN_ERRORS`` having written nothing."""
     if isinstance(entry, Mutations):
         return _answer(apply_batch(writer, entry.platform, entry.ttl, entry.items, entry.now))
+    if isinstance(entry, Changes):
+        planned = _still_owned(writer, entry, {})
+        writer.apply_changes(planned)
+        return _answer(applied(planned))
     if isinstance(entry, CreateSegment):
         return list(writer.create_dmp_segment(entry.platform, entry.title, entry.key, entry.now))
     if isinstance(entry, DeleteSegment):
@@ -145,14 +169,18 @@ def apply_all(writer: StoreWriter, entries: Sequence[Entry]) -> list[Outcome]:
     Consecutive micro-batches are validated one by one, then written together, merged in key
     order (stable: a user's mutations keep the order of their entries), so that a user pushed
     by several of them is read and written once. Their validation reads only the segments,
-    which no micro-batch changes; any other entry is applied after the micro-batches before
-    it were written."""
+    which no micro-batch changes (``owners`` remembers them meanwhile); any other entry is
+    applied after the micro-batches before it were written."""
     outcomes: list[Outcome] = []
     run: list[Planned] = []
+    owners: dict[int, int | None] = {}
     for entry in entries:
-        if isinstance(entry, Mutations):
+        if isinstance(entry, Mutations | Changes):
             try:
-                planned = plan_in(writer, entry.platform, entry.ttl, entry.items, entry.now)
+                if isinstance(entry, Changes):
+                    planned = _still_owned(writer, entry, owners)
+                else:
+                    planned = plan_in(writer, entry.platform, entry.ttl, entry.items, entry.now)
             except BatchError as refused:
                 outcomes.append((None, refused))
                 continue
@@ -160,12 +188,24 @@ def apply_all(writer: StoreWriter, entries: Sequence[Entry]) -> list[Outcome]:
             outcomes.append((_answer(applied(planned)), None))
             continue
         _write(writer, run)
+        owners.clear()
         try:
             outcomes.append((apply(writer, entry), None))
         except CLEAN_ERRORS as refused:
             outcomes.append((None, refused))
     _write(writer, run)
     return outcomes
+
+
+def _still_owned(writer: StoreWriter, entry: Changes, owners: dict[int, int | None]) -> Planned:
+    """``entry``'s changes, if each segment is still the platform's; else ``BatchError``."""
+    for sid in {sid for _, sid, _, _ in entry.changes}:
+        if sid not in owners:
+            owner = writer.dmp_segment(sid)
+            owners[sid] = None if owner is None else owner[0]
+        if owners[sid] != entry.platform:
+            raise BatchError([f"segment {sid} is not a segment of this platform"])
+    return entry.changes
 
 
 def _answer(done: Applied) -> list[Any]:

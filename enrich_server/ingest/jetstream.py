@@ -139,7 +139,7 @@ class JetStreamLog:
         raises its clean error. ``StoreError`` when NATS did not acknowledge it."""
         if self.status.halted:  # it could not apply the write, nor validate it on fresh data
             raise StoreError(f"this node cannot apply writes: {self.status.halted}")
-        entries.check(self._view(), entry)
+        published = entries.checked(self._view(), entry)
         js = self._js
         if js is None or self._nc is None or not self._nc.is_connected:
             self.status.publish_failures += 1
@@ -151,7 +151,7 @@ class JetStreamLog:
             try:
                 await js.publish(
                     self._subject,
-                    entries.encode(entry),
+                    entries.encode(published),
                     timeout=self._config.publish_timeout,
                     stream=self._config.stream,
                     headers={_MSG_ID: msg_id},
