@@ -6,7 +6,8 @@ and exits non-zero, the HTTP layer never lets one become a 5xx for client input:
     EnrichError
      ├── ConfigError        a bad option, file, environment variable or flag
      ├── StoreError         the LMDB store is missing, unreadable or of another format
-     │    └── SegmentConflictError  a DMP segment's key is another segment's
+     │    ├── SegmentConflictError  a DMP segment's key is another segment's
+     │    └── UnconfirmedWriteError  a DMP write that may or may not have been applied
      └── SnapshotError      a snapshot could not be loaded (carries every bad line)
 
 ``lmdb.Error`` never escapes the ``store`` package or ``snapshot.py``: it is wrapped in
@@ -30,6 +31,12 @@ class StoreError(EnrichError):
 
 class SegmentConflictError(StoreError):
     """A DMP segment cannot take the name asked for: another segment has it."""
+
+
+class UnconfirmedWriteError(StoreError):
+    """A DMP write this node cannot confirm: it was sent to the log (the ingestion process,
+    or JetStream) but no acknowledgement came back, so it may still be applied. Every DMP
+    write is idempotent: the caller may repeat it."""
 
 
 class SnapshotError(EnrichError):

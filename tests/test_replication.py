@@ -207,6 +207,30 @@ def test_writes_answer_503_while_nats_is_down_and_enrich_keeps_answering(
             assert _segments_of(node, "in-outage") == []
 
 
+def test_a_write_nats_did_not_acknowledge_is_answered_as_unconfirmed_not_as_lost(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    config = _config(tmp_path, "a", nats)
+    config.write_text(config.read_text() + "publish_timeout = 0.5\n")
+    with run_server(make_store(SNAPSHOT), "--config", str(config)) as a:
+        sid = _create(a, "Unsure")
+        assert nats.process is not None
+        nats.process.send_signal(signal.SIGSTOP)  # connected, but it answers nothing
+        try:
+            unsure = _push(a, [{"segment": sid, "userid": "maybe"}])
+        finally:
+            nats.process.send_signal(signal.SIGCONT)
+        assert unsure.status_code == 503
+        error = unsure.json()["error"]
+        assert error.startswith("write not confirmed: ")
+        assert "may still be applied" in error
+        assert "nothing applied" not in error
+        # The publish had reached the server: once it runs again the write is in the log and
+        # applied, which is why the 503 could not say it was not.
+        _eventually(_serves(a, "maybe", [str(sid)]))
+        assert _stream_last(nats) == 2  # sent twice with one Nats-Msg-Id: stored once
+
+
 def test_a_node_killed_during_pushes_catches_up_after_restart(
     tmp_path: Path, make_store: StoreFactory, nats: NatsServer
 ) -> None:

@@ -41,7 +41,7 @@ from nats.js import JetStreamContext, api
 
 from enrich_server import config as config_module
 from enrich_server.config import Config
-from enrich_server.errors import StoreError
+from enrich_server.errors import StoreError, UnconfirmedWriteError
 from enrich_server.ingest import checkpoints, entries, objectstore, replicated_snapshots
 from enrich_server.ingest.entries import Entry, Outcome, Snapshot
 from enrich_server.store import SegmentStore, StoreWriter
@@ -57,6 +57,8 @@ MAX_GROUP: Final = 512
 MAX_BUFFERED: Final = 4 * MAX_GROUP
 #: How long a write waits for this node's applier after JetStream's acknowledgement.
 APPLY_WAIT_SECONDS: Final = 10.0
+#: Publishes of one entry (the same ``Nats-Msg-Id``) before its writer gets a 503.
+PUBLISH_ATTEMPTS: Final = 2
 #: Between two looks at the stream's last sequence (the lag).
 STATUS_SECONDS: Final = 1.0
 #: Between two attempts of a halted applier (a checkpoint may have been uploaded).
@@ -148,31 +150,44 @@ class JetStreamLog:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiters[msg_id] = future
         try:
-            try:
-                await js.publish(
-                    self._subject,
-                    entries.encode(published),
-                    timeout=self._config.publish_timeout,
-                    stream=self._config.stream,
-                    headers={_MSG_ID: msg_id},
-                )
-            except (TimeoutError, nats.errors.Error) as exc:
-                self.status.publish_failures += 1
-                raise StoreError(
-                    f"the replication log (NATS) did not acknowledge the write: {exc!r}"
-                ) from None
+            await self._publish(js, entries.encode(published), msg_id)
             try:
                 result, refused = await asyncio.wait_for(future, APPLY_WAIT_SECONDS)
             except TimeoutError:
-                raise StoreError(
-                    "the write is in the replication log but this node has not applied it"
-                    f" within {APPLY_WAIT_SECONDS:g} s: it will be"
+                raise UnconfirmedWriteError(
+                    "it is in the replication log but this node has not applied it within"
+                    f" {APPLY_WAIT_SECONDS:g} s; it will be, and repeating it is safe"
                 ) from None
         finally:
             self._waiters.pop(msg_id, None)
         if refused is not None:
             raise refused
         return result
+
+    async def _publish(self, js: JetStreamContext, payload: bytes, msg_id: str) -> None:
+        """Publish one entry, sent again with the same ``Nats-Msg-Id`` (stored once) when
+        no acknowledgement came. Raises ``StoreError`` when JetStream refused it (nothing
+        stored), ``UnconfirmedWriteError`` when it may have been stored."""
+        for attempt in range(PUBLISH_ATTEMPTS):
+            try:
+                await js.publish(
+                    self._subject,
+                    payload,
+                    timeout=self._config.publish_timeout,
+                    stream=self._config.stream,
+                    headers={_MSG_ID: msg_id},
+                )
+                return
+            except (nats.js.errors.NoStreamResponseError, nats.js.errors.APIError) as exc:
+                self.status.publish_failures += 1  # answered: not stored
+                raise StoreError(f"the replication log (NATS) refused the write: {exc!r}") from None
+            except (TimeoutError, nats.errors.Error) as exc:
+                if attempt + 1 == PUBLISH_ATTEMPTS:
+                    self.status.publish_failures += 1
+                    raise UnconfirmedWriteError(
+                        f"the replication log (NATS) did not acknowledge it ({exc!r}): it may"
+                        " still be applied, and repeating it is safe"
+                    ) from None
 
     async def _connect_and_apply(self) -> None:
         attempt = 0

@@ -38,7 +38,7 @@ import uvloop
 
 from enrich_server import config as config_module
 from enrich_server.config import Config
-from enrich_server.errors import StoreError
+from enrich_server.errors import StoreError, UnconfirmedWriteError
 from enrich_server.generations import StoreFollower
 from enrich_server.ingest import entries, refusals
 from enrich_server.ingest.batches import Mutation
@@ -113,8 +113,11 @@ class IngestClient:
             writer.write(frame([op, *args]))
             reply = await read_frame(reader, self._limit)
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
-            writer.close()
-            raise StoreError(f"the ingestion process is not reachable: {exc}") from None
+            writer.close()  # sent, unanswered: the process may have committed it
+            raise UnconfirmedWriteError(
+                f"the ingestion process is not reachable ({exc}): it may still be applied,"
+                " and repeating it is safe"
+            ) from None
         except BaseException:  # cancelled mid-call: the connection's state is unknown
             writer.close()
             raise

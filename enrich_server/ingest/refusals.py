@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from enrich_server.errors import SegmentConflictError, StoreError
+from enrich_server.errors import SegmentConflictError, StoreError, UnconfirmedWriteError
 from enrich_server.ingest.batches import BatchError
 from enrich_server.ingest.sync import ReplayError
 
@@ -27,11 +27,13 @@ class Refusal:
     prefix: str = ""
 
 
-#: Most specific first: ``SegmentConflictError`` is a ``StoreError``.
+#: Most specific first: ``SegmentConflictError`` and ``UnconfirmedWriteError`` are
+#: ``StoreError``s.
 REFUSALS: Final = (
     Refusal(ReplayError, "replay", 403),
     Refusal(BatchError, "batch", 400),
     Refusal(SegmentConflictError, "conflict", 409),
+    Refusal(UnconfirmedWriteError, "unconfirmed", 503, "write not confirmed: "),
     Refusal(StoreError, "store", 503, "store write failed, nothing applied: "),
 )
 #: The errors a write may be refused with, for ``except``.
