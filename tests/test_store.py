@@ -176,6 +176,21 @@ def test_stats_counts_namespaces_and_segments(make_store: StoreFactory) -> None:
     assert stats.generation == 1
 
 
+def test_drop_expired_in_slices_covers_every_key_once(make_store: StoreFactory) -> None:
+    store = make_store("".join(f"uid:k{i:03d}\tseg\n" for i in range(250)))
+    with StoreWriter(store) as writer:
+        sid = writer.segment_id("seg")
+        assert sid is not None
+        for i in range(250):
+            writer.add(f"uid:k{i:03d}".encode(), (sid,), 100)  # expired at 100
+    bounds = [b"uid:k050", b"uid:k100", b"uid:k200"]
+    removed = []
+    for start, end in zip([b"", *bounds], [*bounds, None], strict=True):
+        with StoreWriter(store) as writer:
+            removed.append(writer.drop_expired(100, start, end))
+    assert removed == [(50, 50), (50, 50), (100, 100), (50, 50)]
+
+
 def _members(store: Path) -> dict[bytes, bytes]:
     env = lmdb.open(str(store), max_dbs=8, readonly=True, lock=False)
     try:

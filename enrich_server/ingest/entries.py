@@ -76,6 +76,29 @@ class SyncAlias(msgspec.Struct, tag="alias", array_like=True, frozen=True):
     ours: bytes
 
 
+class DropFile(msgspec.Struct, tag="dropfile", array_like=True, frozen=True):
+    """A drop file validated on the node it was dropped on (``dropfiles``): applied whole
+    and once, in one transaction that records its name, or refused having written nothing."""
+
+    name: str
+    sha256: str  # of the file: the same name with other content is refused
+    segment: int
+    lines: int
+    at_ms: int  # the publishing node's clock (ms since epoch): the record's applied_at
+    expires: int  # of every add (0 = never): resolved from the platform's ttl when made
+    users: list[tuple[bytes, bool]]  # (key, add), in the order they are applied
+
+
+class Compact(msgspec.Struct, tag="compact", array_like=True, frozen=True):
+    """``compact`` on a replicated node, one slice of the keys at a time: the memberships
+    expired at ``at_ms`` go from the keys ``start`` up to ``end`` (excluded; ``None``: to the
+    last), on every node alike whenever it applies the entry."""
+
+    at_ms: int  # the publishing node's clock (ms since epoch)
+    start: bytes
+    end: bytes | None
+
+
 class Snapshot(msgspec.Struct, tag="snapshot", array_like=True, frozen=True):
     """``load --replace`` on a replicated node: a built store in the object store, which
     every node downloads, checks, carries its DMP state into and swaps in (``jetstream``)."""
@@ -86,9 +109,9 @@ class Snapshot(msgspec.Struct, tag="snapshot", array_like=True, frozen=True):
 
 
 #: The DMP entries, which ``apply`` applies inside a write transaction.
-Entry = Mutations | Changes | CreateSegment | DeleteSegment | SyncAlias
+Entry = Mutations | Changes | CreateSegment | DeleteSegment | SyncAlias | DropFile | Compact
 #: Everything a replicated log carries (micro-batches as ``Changes``).
-LogEntry = Changes | CreateSegment | DeleteSegment | SyncAlias | Snapshot
+LogEntry = Changes | CreateSegment | DeleteSegment | SyncAlias | DropFile | Compact | Snapshot
 #: What ``apply`` may refuse an entry with, having written nothing of it.
 CLEAN_ERRORS: Final = (BatchError, SegmentConflictError)
 #: One outcome per entry: its result, or the clean error that refused it.
@@ -96,6 +119,8 @@ Outcome = tuple[Any, BatchError | SegmentConflictError | None]
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
 _DECODER: Final = msgspec.msgpack.Decoder(LogEntry)
+_RECORD: Final = msgspec.json.Encoder()
+_RECORD_DECODER: Final = msgspec.json.Decoder(dict[str, object])
 
 
 def kind(entry: Entry | LogEntry) -> str:
@@ -118,6 +143,19 @@ def mutations(platform: int, ttl: int, body: bytes, max_items: int, now: int) ->
     """A micro-batch body as an entry; raises ``BatchError`` when the body itself is wrong
     (its items are checked by ``check`` or on apply)."""
     return Mutations(platform, ttl, now, decode_batch(body, max_items))
+
+
+def file_record(raw: bytes) -> dict[str, object]:
+    """A drop file's record in ``applied_files`` (``applied_at``, ``sha256``, ``lines``)."""
+    return _RECORD_DECODER.decode(raw)
+
+
+def file_conflict(name: str, record: dict[str, object]) -> str:
+    """Why a drop file named like one applied earlier, with other content, is refused."""
+    return (
+        f"a different file named {name} was applied at {record.get('applied_at')}: "
+        "a correction needs a new name (the next minute's)"
+    )
 
 
 def checked(view: SegmentStore, entry: Entry) -> LogEntry:
@@ -159,8 +197,36 @@ def apply(writer: StoreWriter, entry: Entry) -> Any:
         if owner is None or owner[0] != entry.platform:
             return 0
         return writer.delete_dmp_segment(entry.segment)
+    if isinstance(entry, DropFile):
+        return _apply_drop_file(writer, entry)
+    if isinstance(entry, Compact):
+        return list(writer.drop_expired(entry.at_ms // 1000, entry.start, entry.end))
     writer.map_alias(entry.their, entry.ours)
     return None
+
+
+def _apply_drop_file(writer: StoreWriter, entry: DropFile) -> list[int] | None:
+    """``[added, removed]``, or ``None`` when this file was applied before (by its name and
+    content, however many times it was published). Checked again inside the transaction,
+    since the node that made the entry saw the store a moment earlier."""
+    earlier = writer.applied_file(entry.name)
+    if earlier is not None:
+        record = file_record(earlier)
+        if record.get("sha256") == entry.sha256:
+            return None
+        raise BatchError([file_conflict(entry.name, record)])
+    if writer.dmp_segment(entry.segment) is None:
+        raise BatchError([f"segment {entry.segment} was deleted before {entry.name} was applied"])
+    added = removed = 0
+    for key, add in entry.users:
+        if add:
+            writer.add_one(key, entry.segment, entry.expires)
+            added += 1
+        else:
+            removed += writer.remove(key, (entry.segment,))
+    record = {"applied_at": entry.at_ms // 1000, "sha256": entry.sha256, "lines": entry.lines}
+    writer.record_applied_file(entry.name, _RECORD.encode(record))
+    return [added, removed]
 
 
 def apply_all(writer: StoreWriter, entries: Sequence[Entry]) -> list[Outcome]:

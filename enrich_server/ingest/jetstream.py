@@ -40,16 +40,22 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from enrich_server import config as config_module
-from enrich_server.config import Config
+from enrich_server.config import Config, ReplicationConfig
 from enrich_server.errors import StoreError, UnconfirmedWriteError
 from enrich_server.ingest import checkpoints, entries, objectstore, replicated_snapshots
-from enrich_server.ingest.entries import Entry, Outcome, Snapshot
+from enrich_server.ingest.batches import BatchError
+from enrich_server.ingest.entries import Entry, LogEntry, Outcome, Snapshot
 from enrich_server.store import SegmentStore, StoreWriter
 
 log = logging.getLogger(__name__)
 
 #: JetStream's deduplication window: a publish retried within it is stored once.
 DUPLICATE_WINDOW_SECONDS: Final = 120.0
+#: The stream's largest message: nats-server's default ``max_payload`` (1 MiB), which also
+#: bounds every publish (headers included) unless the servers are configured higher.
+MAX_MESSAGE_BYTES: Final = 1 << 20
+#: The largest entry published: the message less room for its headers (``Nats-Msg-Id``).
+MAX_ENTRY_BYTES: Final = MAX_MESSAGE_BYTES - 1024
 #: Most entries applied in one transaction: bounds how long one commit holds the write lock.
 MAX_GROUP: Final = 512
 #: Received entries held before the subscription stops taking more (flow control then
@@ -89,6 +95,35 @@ class Status:
         if self.halted or not self.caught_up:
             return False
         return not self.connected or self.lag_seconds <= max_lag
+
+
+def stream_config(config: ReplicationConfig) -> api.StreamConfig:
+    """The stream as a node creates it when missing (README, "Running several replicas").
+
+    Limits retention with no limit: no age, count or size drops an entry, since a node
+    whose next entry is gone can only restore a checkpoint, and halts if none covers it.
+    Bounding the stream is the operator's act (a purge up to a checkpoint's sequence).
+    """
+    return api.StreamConfig(
+        name=config.stream,
+        subjects=[config.subject],
+        retention=api.RetentionPolicy.LIMITS,
+        max_age=0,  # seconds; 0 = entries never expire
+        max_msgs=-1,
+        max_bytes=-1,
+        max_msg_size=MAX_MESSAGE_BYTES,
+        storage=api.StorageType.FILE,
+        num_replicas=config.replicas,
+        duplicate_window=DUPLICATE_WINDOW_SECONDS,
+    )
+
+
+def too_large(entry: LogEntry, size: int) -> str:
+    """Why an entry of ``size`` bytes is not published."""
+    return (
+        f"as a replication log entry it takes {size:,} bytes, over the {MAX_ENTRY_BYTES:,}"
+        f" bytes one {entries.kind(entry)} entry may take: split it"
+    )
 
 
 class JetStreamLog:
@@ -142,6 +177,9 @@ class JetStreamLog:
         if self.status.halted:  # it could not apply the write, nor validate it on fresh data
             raise StoreError(f"this node cannot apply writes: {self.status.halted}")
         published = entries.checked(self._view(), entry)
+        payload = entries.encode(published)
+        if len(payload) > MAX_ENTRY_BYTES:  # NATS would refuse it: a 400, not a 503
+            raise BatchError([too_large(published, len(payload))])
         js = self._js
         if js is None or self._nc is None or not self._nc.is_connected:
             self.status.publish_failures += 1
@@ -150,7 +188,7 @@ class JetStreamLog:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiters[msg_id] = future
         try:
-            await self._publish(js, entries.encode(published), msg_id)
+            await self._publish(js, payload, msg_id)
             try:
                 result, refused = await asyncio.wait_for(future, APPLY_WAIT_SECONDS)
             except TimeoutError:
@@ -232,13 +270,7 @@ class JetStreamLog:
         try:
             await self._js.stream_info(self._config.stream)
         except nats.js.errors.NotFoundError:
-            await self._js.add_stream(
-                name=self._config.stream,
-                subjects=[self._subject],
-                storage=api.StorageType.FILE,
-                num_replicas=self._config.replicas,
-                duplicate_window=DUPLICATE_WINDOW_SECONDS,
-            )
+            await self._js.add_stream(stream_config(self._config))
             log.info("replication stream created", extra={"stream": self._config.stream})
 
     async def _disconnected(self) -> None:
@@ -410,7 +442,13 @@ class JetStreamLog:
         applied = batch[len(batch) - len(outcomes) :]  # without what an earlier run applied
         for _, _, entry in applied:
             self._count(entries.kind(entry))
-        for (_, msg_id, _), outcome in zip(applied, outcomes, strict=True):
+        for (sequence, msg_id, entry), outcome in zip(applied, outcomes, strict=True):
+            if outcome[1] is not None:  # refused alike on every node: said once on each
+                log.warning(
+                    "replication entry refused",
+                    extra={"sequence": sequence, "kind": entries.kind(entry),
+                           "error": str(outcome[1])},
+                )  # fmt: skip
             future = self._waiters.get(msg_id or "")
             if future is not None and not future.done():
                 future.set_result(outcome)

@@ -223,15 +223,23 @@ class StoreWriter:
                 f"segment store {self.path} is full (map size {self._env.info()['map_size']} bytes)"
             ) from exc
 
-    def drop_expired(self, now: int) -> tuple[int, int]:
-        """Remove memberships that expired at or before ``now``, and keys left empty.
+    def drop_expired(
+        self, now: int, start: bytes = b"", end: bytes | None = None
+    ) -> tuple[int, int]:
+        """Remove memberships that expired at or before ``now``, and keys left empty, among
+        the keys from ``start`` up to ``end`` (excluded; ``None``: to the last).
 
         Returns (memberships removed, keys deleted). Readers are not blocked: they keep their
         snapshot until this transaction commits.
         """
         changes: list[tuple[bytes, dict[int, int]]] = []
         removed = 0
-        for key, raw in self._txn.cursor(db=self._members):
+        cursor = self._txn.cursor(db=self._members)
+        if not cursor.set_range(start):
+            return 0, 0
+        for key, raw in cursor:
+            if end is not None and bytes(key) >= end:
+                break
             memberships = decode_memberships(raw)
             live = {sid: exp for sid, exp in memberships.items() if not exp or exp > now}
             if len(live) != len(memberships):
