@@ -646,8 +646,9 @@ def test_a_bad_drop_file_on_a_replicated_node_publishes_nothing(
             _eventually(_serves(node, "w1", [str(sid)]))
             assert _segments_of(node, "w3") == []
         _eventually(lambda: _digest(a) == _digest(b))
-        # A micro-batch too large for one entry is a 400 too, not a 503 from NATS.
-        big = [{"segment": sid, "userid": f"{i:0100d}"} for i in range(9_000)]
+        # A micro-batch too large for one entry (as its planned changes: ~1.2 MB) is a 400
+        # too, not a 503 from NATS.
+        big = [{"segment": sid, "userid": f"{i:0120d}"} for i in range(9_000)]
         refused = _push(a, big)
         assert refused.status_code == 400, refused.text
         assert "one mutations entry may take: split it" in refused.json()["problems"][0]

@@ -182,10 +182,10 @@ class JetStreamLog:
         raises its clean error. ``StoreError`` when NATS did not acknowledge it."""
         if self.status.halted:  # it could not apply the write, nor validate it on fresh data
             raise StoreError(f"this node cannot apply writes: {self.status.halted}")
-        entries.check(self._view(), entry)
-        payload = entries.encode(entry)
+        published = entries.checked(self._view(), entry)
+        payload = entries.encode(published)
         if len(payload) > MAX_ENTRY_BYTES:  # NATS would refuse it: a 400, not a 503
-            raise BatchError([too_large(entry, len(payload))])
+            raise BatchError([too_large(published, len(payload))])
         js = self._js
         if js is None or self._nc is None or not self._nc.is_connected:
             self.status.publish_failures += 1
