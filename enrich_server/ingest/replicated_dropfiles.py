@@ -31,8 +31,8 @@ from enrich_server.ingest.entries import DropFile
 from enrich_server.ingest.jetstream import MAX_ENTRY_BYTES
 from enrich_server.store import SegmentStore
 
-#: The slowest a node is assumed to apply a drop file's lines (1,000,000 lines took 6.4 s
-#: from ingest to applied, on a loaded 2-core VM): the wait grows with the file.
+#: The slowest a node is assumed to apply a drop file's lines (1,000,000 lines took 6.4 to
+#: 9.0 s from ingest to applied, on a loaded 2-core VM): the wait grows with the file.
 APPLIED_LINES_PER_SECOND: Final = 25_000
 
 
