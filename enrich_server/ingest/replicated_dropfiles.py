@@ -24,7 +24,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
+import nats.errors
+
 from enrich_server.config import PlatformConfig, ReplicationConfig
+from enrich_server.errors import StoreError
 from enrich_server.ingest import dropobjects, entries, objectstore, publisher
 from enrich_server.ingest.dropfiles import DropFileError, FileResult, prepare
 from enrich_server.ingest.entries import DropFile
@@ -92,8 +95,11 @@ async def _publish_and_wait(
     nc = await objectstore.connect(config)
     try:
         if len(payload) > MAX_ENTRY_BYTES:  # the users travel as the file, in the bucket
-            bucket = await objectstore.bucket(nc.jetstream(), config)
-            payload = entries.encode(await dropobjects.upload(bucket, path, prepared))
+            try:
+                bucket = await objectstore.bucket(nc.jetstream(), config)
+                payload = entries.encode(await dropobjects.upload(bucket, path, prepared))
+            except (TimeoutError, nats.errors.Error) as exc:
+                raise StoreError(f"the drop file was not uploaded: {exc!r}") from None
         msg_id = f"dropfile:{prepared.name}:{prepared.sha256}"
         sequence = await publisher.publish(nc, config, payload, msg_id)
     finally:
