@@ -818,6 +818,38 @@ def test_a_large_drop_file_whose_object_is_missing_or_corrupt_halts_a_node_never
             assert _digest(a) == _digest(b)
 
 
+def test_a_caught_up_node_halted_on_an_entry_stays_halted_until_it_applies_it(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    store_a = make_store(SNAPSHOT)
+    config_a = _config(tmp_path, "a", nats)
+    with run_server(store_a, "--config", str(config_a)) as a:
+        sid = _create(a, "Held")
+        path = _large_drop_file(tmp_path / "in", sid, 3)
+        assert _ingest(config_a, store_a, str(path)).returncode == 0
+        entry = _entry_at(nats, 2)
+        assert isinstance(entry, entries.DropFileObject)
+        held = msgspec.structs.replace(
+            entry, name=path.name.replace("_03.tsv", "_04.tsv"), object="dropfile-held"
+        )
+        assert _publish_raw(nats, held, "held") == 3
+        _eventually(lambda: "dropfile-held is not in the bucket" in str(_ready(a)))
+        # Each retry looks for the object again: the node stays out of service meanwhile.
+        deadline = time.monotonic() + jetstream.HALTED_RETRY_SECONDS + 1.5
+        while time.monotonic() < deadline:
+            ready = httpx.get(f"{a.url}/readyz", timeout=5)
+            assert ready.status_code == 503, ready.text
+            assert "dropfile-held" in ready.json()["why"]
+            time.sleep(0.1)
+        refused = _push(a, [{"segment": sid, "userid": "x"}])
+        assert refused.status_code == 503
+        assert "cannot apply writes" in refused.json()["error"]
+        _write_object(nats, "dropfile-held", path.read_bytes())
+        _eventually(_applied(a, 3), timeout=20)
+        assert _ready(a)["status"] == "ready"
+        assert _push(a, [{"segment": sid, "userid": "x"}]).status_code == 200
+
+
 def _ttl_config(tmp_path: Path, name: str, nats: NatsServer, ttl: int) -> Path:
     path = tmp_path / f"{name}.toml"
     path.write_text(

@@ -153,6 +153,7 @@ class JetStreamLog:
         self._drained = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._behind_since = 0.0
+        self._halted_on = 0  # the entry the applier halted on (``_HaltedError.sequence``)
         self._resubscribe = False
         self.status = Status(applied_by_kind={})
 
@@ -247,6 +248,7 @@ class JetStreamLog:
                 if self.status.halted != str(exc):
                     log.error("replication applier halted", extra={"error": str(exc)})
                 self.status.halted = str(exc)
+                self._halted_on = exc.sequence
                 # Looked at again now and then: a checkpoint uploaded meanwhile may cover it.
                 await asyncio.sleep(HALTED_RETRY_SECONDS)
                 continue
@@ -311,7 +313,7 @@ class JetStreamLog:
                 f"the store applied up to {start - 1} but the stream ends at {last}: the"
                 " stream was recreated or lost entries; this store cannot follow it"
             )
-        self.status.halted = ""  # whatever stopped an earlier attempt is resolved
+        self._resolve_halt()  # a gap that stopped an earlier attempt is closed
         self._note_last(last)
         self._received.clear()
         self._resubscribe = False
@@ -391,13 +393,14 @@ class JetStreamLog:
             if sequence != expected:
                 raise _HaltedError(
                     f"entry {sequence} arrived after {expected - 1}: entries in between are"
-                    " missing from the stream; restore a checkpoint"
+                    " missing from the stream; restore a checkpoint",
+                    expected,
                 )
             try:
                 entry = entries.decode(msg.data)
             except msgspec.DecodeError as exc:
                 raise _HaltedError(
-                    f"entry {sequence} is not an entry this version reads: {exc}"
+                    f"entry {sequence} is not an entry this version reads: {exc}", sequence
                 ) from None
             expected += 1
             if isinstance(entry, Snapshot | DropFileObject):  # alone, after what came before
@@ -421,9 +424,11 @@ class JetStreamLog:
         except (FileNotFoundError, objectstore.CorruptObjectError) as exc:
             raise _HaltedError(
                 f"entry {sequence} ({entries.kind(entry)}) cannot be applied: {exc}; put the"
-                " object back, or restore a checkpoint taken after it"
+                " object back, or restore a checkpoint taken after it",
+                sequence,
             ) from None
         self.status.applied = sequence
+        self._resolve_halt()
         self._count(entries.kind(entry))
         self._update_lag()
 
@@ -479,6 +484,14 @@ class JetStreamLog:
         self.status.last = max(self.status.last, last)
         self._update_lag()
 
+    def _resolve_halt(self) -> None:
+        """Clear the halt once what caused it is behind the store: right away for a gap
+        (checked before subscribing), once applied past it for an entry that could not be
+        applied (so ``/readyz`` and writes stay refused while each retry tries it again)."""
+        if self.status.halted and self.status.applied >= self._halted_on:
+            self.status.halted = ""
+            self._halted_on = 0
+
     def _update_lag(self) -> None:
         now = time.monotonic()
         # What this node applied is in the stream: the last look may be older than that.
@@ -494,4 +507,9 @@ class JetStreamLog:
 
 
 class _HaltedError(Exception):
-    """The stream cannot be applied from here on without skipping entries."""
+    """The stream cannot be applied from here on without skipping entries; ``sequence``:
+    the entry that could not be applied (0: the store and the stream do not join up)."""
+
+    def __init__(self, message: str, sequence: int = 0) -> None:
+        super().__init__(message)
+        self.sequence = sequence
