@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 from base64 import b64encode
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,9 +90,11 @@ def serving(
     *,
     port: int | None = None,
     timeout: float = 60.0,
+    started: Callable[[int], None] | None = None,
 ) -> Iterator[int]:
     """``enrich-server serve`` on ``port`` (a free one by default) until the block ends;
-    yields the port once ``/readyz`` answers 200 (within ``timeout`` seconds).
+    yields the port once ``/readyz`` answers 200 (within ``timeout`` seconds); ``started``
+    is called with the server's pid as soon as it runs.
 
     With ``cpus``, the processes serving ``/enrich`` (the workers, and the main process) are
     pinned to those CPUs once they run; the ingestion process (SCHED_IDLE, background)
@@ -107,6 +109,8 @@ def serving(
     with log.open("ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=out, cwd=ROOT)
     try:
+        if started is not None:
+            started(process.pid)
         wait_until_ready(f"http://127.0.0.1:{port}", process, log, timeout)
         if cpus is not None:
             for pid in [process.pid, *_children(process.pid)]:
@@ -122,6 +126,21 @@ def _serving(pid: int) -> bool:
     """Not the ingestion process (that one is SCHED_IDLE, or niced)."""
     idle = os.sched_getscheduler(pid) == os.SCHED_IDLE
     return not idle and os.getpriority(os.PRIO_PROCESS, pid) == 0
+
+
+def ingestion_pid(server: int) -> int | None:
+    """The ingestion process of the server ``server`` (``None`` until it runs)."""
+    for pid in _children(server):
+        with contextlib.suppress(OSError):
+            if not _serving(pid):
+                return pid
+    return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time process ``pid`` used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _children(pid: int) -> list[int]:

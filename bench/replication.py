@@ -22,12 +22,14 @@ bounded in time and count:
    ``applier_entries`` micro-batch entries published straight into the stream, D started
    again; its applied sequence (``/readyz``) sampled every ``SAMPLE_SECONDS`` until it reaches
    the stream's end; mutations/s between the first and the last sample (the seconds before
-   D's worker answers are not counted, nor their entries).
+   D's worker answers are not counted, nor their entries), and the CPU seconds D's ingestion
+   process used per million of them.
 
 Reports the medians over rounds, with the issue's targets and a verdict per line; writes
 ``bench/results/replication-<profile>.{json,md}``.
 
     python -m bench.replication [--profile full|quick] [--rate 20000] [--seconds 30]
+    python -m bench.replication --only applier --rounds 3   # step 5 alone, medians printed
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ from bench.ingest import (
     CONFIG,
     auth_headers,
     batch_bodies,
+    cpu_seconds,
     create_segments,
+    ingestion_pid,
     open_loop,
     serving,
 )
@@ -82,8 +86,10 @@ POLL_SECONDS: Final = 0.005
 PROBE_TIMEOUT_SECONDS: Final = 10.0
 #: Between two looks at node D's applied sequence.
 SAMPLE_SECONDS: Final = 0.01
-#: Most batches in flight at once from the paced pushers.
-PUSH_CONNECTIONS: Final = 8
+#: Most batches in flight at once from the paced pushers. A push's round trip is ~3 ms on an
+#: idle node but ~150 ms (p50) with the whole beside step on the machine (A's ingestion
+#: process is SCHED_IDLE): 8 in flight then capped the offered 50 k mutations/s near 55 k.
+PUSH_CONNECTIONS: Final = 16
 #: Node D's stream: the three nodes' entries are not in it.
 APPLIER_STREAM: Final = "APPLIER"
 PLATFORM: Final = tomllib.loads(CONFIG)["platform"][0]
@@ -116,6 +122,7 @@ TARGETS: Final[dict[str, tuple[str, tuple[str, float | str] | None]]] = {
     "propagation_pushed_mps": ("mut/s", (">=", "rate")),
     "propagation_push_failures": ("batches", ("=", 0.0)),
     "applier_mps": ("mut/s", (">=", 150_000.0)),
+    "applier_cpu_s_per_m": ("CPU s per 1 M mutations", None),
     "enrich_saturated_rps": ("req/s", None),
     "enrich_rate": ("req/s", None),
     "baseline_p50_ms": ("ms", None),
@@ -125,6 +132,8 @@ TARGETS: Final[dict[str, tuple[str, tuple[str, float | str] | None]]] = {
     "baseline_over_5ms": ("calls", None),
     "beside_pushed_mps": ("mut/s", (">=", "beside_rate")),
     "beside_push_failures": ("batches", ("=", 0.0)),
+    "beside_push_p50_ms": ("ms", None),
+    "beside_push_p99_ms": ("ms", None),
     "beside_applied_on_b_mps": ("mut/s", None),
     "beside_p50_ms": ("ms", None),
     "beside_p99_ms": ("ms", ("<", 2.0)),
@@ -165,6 +174,8 @@ class PacedPusher:
         self._next = 0
         self.applied = 0
         self.failures = 0
+        #: Seconds from sending each acknowledged batch to its 2xx.
+        self.latencies: list[float] = []
 
     def run_for(self, seconds: float) -> float:
         """Push for ``seconds``; returns the acknowledged mutations per second."""
@@ -192,6 +203,7 @@ class PacedPusher:
             if n >= len(self._bodies) or due >= deadline:
                 break
             time.sleep(max(0.0, due - time.perf_counter()))
+            sent = time.perf_counter()
             try:
                 connection.request("POST", "/v1/segment", body=self._bodies[n], headers=headers)
                 response = connection.getresponse()
@@ -205,6 +217,7 @@ class PacedPusher:
             with self._lock:
                 if status == 200:
                     self.applied += json.loads(answer)["applied"]
+                    self.latencies.append(acked - sent)
                 else:
                     self.failures += 1
             if status == 200 and self._on_ack is not None:
@@ -286,6 +299,15 @@ def _wait_applied(ports: dict[str, int], timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+def _push_latency(latencies: list[float], prefix: str) -> dict[str, float]:
+    """Median and 99th percentile of the pushes' round trips (2xx after A's applier)."""
+    quantiles = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {
+        f"{prefix}_push_p50_ms": quantiles[49] * 1000,
+        f"{prefix}_push_p99_ms": quantiles[98] * 1000,
+    }
+
+
 def _latency(result: dict[str, Any], prefix: str) -> dict[str, float]:
     lat = result["latency_us"]
     return {
@@ -332,6 +354,7 @@ def enrich_beside(
         **_latency(busy, "beside"),
         "enrich_errors": quiet["errors"] + busy["errors"],
         "beside_push_failures": pusher.failures,
+        **_push_latency(pusher.latencies, "beside"),
     }
 
 
@@ -369,8 +392,10 @@ async def _publish(url: str, bodies: list[bytes]) -> int:
         acks = []
         for body in bodies:
             entry = entries.mutations(PLATFORM["id"], PLATFORM["ttl"], body, BATCH_ITEMS, now)
+            # Planned as a node would before publishing (the segments are all the platform's).
+            changes = entries.changes_of(lambda _: PLATFORM["id"], entry)
             acks.append(
-                await js.publish_async(subject, entries.encode(entry), stream=APPLIER_STREAM)
+                await js.publish_async(subject, entries.encode(changes), stream=APPLIER_STREAM)
             )
         return max(ack.seq for ack in await asyncio.gather(*acks))
     finally:
@@ -389,16 +414,21 @@ def applier(
         segments = create_segments(port)
     last = asyncio.run(_publish(server.url, batch_bodies(segments, profile.applier_entries, 11)))
     port = free_port()
-    samples: list[tuple[float, int]] = []
+    # (time, applied sequence, CPU seconds D's ingestion process used so far)
+    samples: list[tuple[float, int, float]] = []
+    server_pid: list[int] = []
     done = threading.Event()
 
     def sample() -> None:
         # Bounded: ``done`` is set once serving() below ends, however it ends.
+        ingestion = None
         while not done.is_set():
             with contextlib.suppress(OSError, ValueError, http.client.HTTPException):
+                if ingestion is None and server_pid:
+                    ingestion = ingestion_pid(server_pid[0])
                 applied = _status(port).get("applied")
-                if applied is not None:
-                    samples.append((time.perf_counter(), applied))
+                if applied is not None and ingestion is not None:
+                    samples.append((time.perf_counter(), applied, cpu_seconds(ingestion)))
                     if applied >= last:
                         return
             time.sleep(SAMPLE_SECONDS)
@@ -406,20 +436,25 @@ def applier(
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        with serving(store, config, 1, log, None, port=port, timeout=120.0):
+        with serving(
+            store, config, 1, log, None, port=port, timeout=120.0, started=server_pid.append
+        ):
             sampler.join(timeout=10)  # ready means caught up: the next sample says so
     finally:
         done.set()
         sampler.join()
     shutil.rmtree(store)
-    (start, first), (end, final) = samples[0], samples[-1]
+    (start, first, cpu_start), (end, final, cpu_end) = samples[0], samples[-1]
     if final < last or first >= last:
         raise RuntimeError(
             f"no catch-up to time: first sample at {first}, last at {final}, stream end {last};"
             " publish more entries (applier_entries)"
         )
+    mutations = (final - first) * BATCH_ITEMS
     return {
-        "applier_mps": (final - first) * BATCH_ITEMS / (end - start),
+        "applier_mps": mutations / (end - start),
+        # What the applier costs whatever else runs beside it (the machine is shared).
+        "applier_cpu_s_per_m": (cpu_end - cpu_start) / mutations * 1e6,
         "applier_timed_entries": final - first,
     }
 
@@ -443,20 +478,31 @@ def three_nodes(
 
 
 def one_round(
-    number: int, source: Path, enrich_bodies: Path, profile: Profile, cpus: set[int] | None
+    number: int,
+    source: Path,
+    enrich_bodies: Path,
+    profile: Profile,
+    cpus: set[int] | None,
+    *,
+    only: str | None = None,
 ) -> dict[str, Any]:
-    """A fresh nats-server and nodes; steps 1-5."""
+    """A fresh nats-server and nodes; steps 1-5 (``only="applier"``: step 5 alone,
+    ``only="beside"``: steps 1-3 alone)."""
     with tempfile.TemporaryDirectory(prefix="enrich-bench-replication-") as folder:
         work = Path(folder)
         log = work / "servers.log"
+        result: dict[str, Any] = {}
         with run_nats(work / "nats") as server:
-            with three_nodes(work, source, server.url, log, cpus) as ports:
-                segments = create_segments(ports["A"])
-                _wait_applied(ports)
-                result = enrich_beside(ports, segments, enrich_bodies, profile)
-                _wait_applied(ports)  # no backlog carried into the propagation runs
-                result |= propagation(ports, segments, number, profile)
-            result |= applier(work, source, server, log, profile)
+            if only != "applier":
+                with three_nodes(work, source, server.url, log, cpus) as ports:
+                    segments = create_segments(ports["A"])
+                    _wait_applied(ports)
+                    result |= enrich_beside(ports, segments, enrich_bodies, profile)
+                    if only is None:
+                        _wait_applied(ports)  # no backlog carried into the propagation runs
+                        result |= propagation(ports, segments, number, profile)
+            if only != "beside":
+                result |= applier(work, source, server, log, profile)
     result["machine_load_1m"] = os.getloadavg()[0]
     return result
 
@@ -505,11 +551,34 @@ def markdown(report: dict[str, Any]) -> str:
         f" them); `*_over_5ms` counts calls over 5 ms or unanswered. Applier: node D alone,"
         f" {report['applier_mutations']:,} mutations pre-filled in its stream, mutations/s"
         f" between its first and last `/readyz` sample ({median['applier_timed_entries']:,.0f}"
-        f" of its {report['applier_entries']:,} entries timed). `machine_load_1m`: the 1-minute"
+        f" of its {report['applier_entries']:,} entries timed), and the CPU time its ingestion"
+        " process used meanwhile (less sensitive than the rate to what else the machine runs)."
+        " `machine_load_1m`: the 1-minute"
         " load average at the end of each round, this benchmark's processes included.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _summary(result: dict[str, Any]) -> str:
+    """One round's headline figures (those it measured)."""
+    parts = []
+    if "propagation_p99_ms" in result:
+        parts.append(
+            f"propagation p99 {result['propagation_p99_ms']:.1f} ms at"
+            f" {result['propagation_pushed_mps']:,.0f} mut/s"
+        )
+    if "applier_mps" in result:
+        parts.append(
+            f"applier {result['applier_mps']:,.0f} mut/s,"
+            f" {result['applier_cpu_s_per_m']:.2f} CPU s per 1 M"
+        )
+    if "beside_p99_ms" in result:
+        parts.append(
+            f"/enrich p99 {result['baseline_p99_ms']:.2f} ms alone,"
+            f" {result['beside_p99_ms']:.2f} ms beside {result['beside_pushed_mps']:,.0f} mut/s"
+        )
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -519,6 +588,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, help="propagation: offered mutations/s")
     parser.add_argument("--seconds", type=float, help="propagation: how long")
     parser.add_argument("--beside-rate", type=float, help="mutations/s beside /enrich")
+    parser.add_argument("--rounds", type=int, help="rounds (the medians are over them)")
+    parser.add_argument(
+        "--applier-entries", type=int, help="applier: micro-batches pre-filled in D's stream"
+    )
+    parser.add_argument(
+        "--only",
+        choices=("applier", "beside"),
+        help="run only the applier step (5) or the /enrich-beside-pushes steps (1-3); prints"
+        " the medians without writing the results files",
+    )
     parser.add_argument(
         "--server-cpus",
         default="0",
@@ -528,7 +607,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     profile = PROFILES[args.profile]
-    overrides = {"rate": args.rate, "seconds": args.seconds, "beside_rate": args.beside_rate}
+    overrides = {
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "beside_rate": args.beside_rate,
+        "rounds": args.rounds,
+        "applier_entries": args.applier_entries,
+    }
     profile = dataclasses.replace(profile, **{k: v for k, v in overrides.items() if v})
     cpus = None if args.server_cpus == "all" else {int(c) for c in args.server_cpus.split(",")}
     if cpus is not None:
@@ -540,16 +625,17 @@ def main(argv: list[str] | None = None) -> int:
         write_bodies(enrich_bodies, profile.identities)
     rounds = []
     for number in range(profile.rounds):
-        result = one_round(number, source, enrich_bodies, profile, cpus)
+        result = one_round(number, source, enrich_bodies, profile, cpus, only=args.only)
         rounds.append(result)
-        print(
-            f"  round {number + 1}: propagation p99 {result['propagation_p99_ms']:.1f} ms at"
-            f" {result['propagation_pushed_mps']:,.0f} mut/s; applier"
-            f" {result['applier_mps']:,.0f} mut/s; /enrich p99 {result['baseline_p99_ms']:.2f}"
-            f" ms alone, {result['beside_p99_ms']:.2f} ms beside"
-            f" {result['beside_pushed_mps']:,.0f} mut/s",
-            flush=True,
-        )
+        print(f"  round {number + 1}: {_summary(result)}", flush=True)
+    if args.only:  # a focused look: medians printed, the results files left to full runs
+        for key in TARGETS:
+            if key in result:
+                runs = ", ".join(_cell(r[key]) for r in rounds)
+                print(
+                    f"  {key}: median {_cell(statistics.median(r[key] for r in rounds))} ({runs})"
+                )
+        return 0
     report = {
         "profile": args.profile,
         **dataclasses.asdict(profile),

@@ -39,6 +39,7 @@ from enrich_server.config import (
     EXAMPLE_STORE,
     SAMPLES_DIR,
     Config,
+    PlatformConfig,
     load_config,
     options,
     to_json,
@@ -49,13 +50,17 @@ from enrich_server.errors import ConfigError, EnrichError, SnapshotError
 from enrich_server.explain import explain_call
 from enrich_server.generations import remove_dead_builds
 from enrich_server.guard import clock
-from enrich_server.ingest import checkpoints, replicated_snapshots
+from enrich_server.ingest import (
+    checkpoints,
+    replicated_compaction,
+    replicated_dropfiles,
+    replicated_snapshots,
+)
 from enrich_server.ingest.dropfiles import (
     DEFAULT_SETTLE_SECONDS,
-    DropFileError,
     FileResult,
     apply_file,
-    process_directory,
+    process_ready,
 )
 from enrich_server.ingest.local import Supervisor
 from enrich_server.keys import NAMESPACES, parse_key
@@ -243,9 +248,13 @@ def _add_compact_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         help="drop expired memberships (safe while serving)",
         description="Remove every membership whose expiry has passed, and identity keys left "
         "with none, in one transaction; running servers keep answering from their snapshot "
-        "meanwhile and see the result on their next request.",
+        "meanwhile and see the result on their next request. With a replicated --config, "
+        "--store is the node's own store: the compaction is published to the replication log "
+        "in slices of keys, and every node applies each one; the command returns once this "
+        "node applied the last.",
     )
     compact.add_argument("--store", type=Path, required=True, help="store directory")
+    compact.add_argument("--config", type=Path, help="a replicated node's configuration")
 
 
 def _add_replication_parsers(
@@ -678,12 +687,37 @@ def _compact(args: argparse.Namespace) -> int:
     setup_logging("info")
     if not (store_dir(args.store) / DATA_FILE).is_file():
         SegmentStore(args.store)  # raises the usual "no segment store at ..." error
+    config = load_config(args.config, os.environ) if args.config else None
+    if config is not None and config.replicated:
+        done = replicated_compaction.compact_published(config.replication, args.store)
+        print(
+            f"published the compaction as of {done.at} in {done.slices:,} slice(s) (log entries"
+            f" {done.first}-{done.last}); this node applied them, every node applies them"
+        )
+        return 0
+    # Dropping expired memberships on one node, at its own clock, would make its digest
+    # differ from the other nodes' (they serve the same either way: expired is nothing).
+    _refuse_replicated(args.store, "pass the node's --config, so that every node compacts alike")
     with StoreWriter(args.store) as writer:
         removed, deleted = writer.drop_expired(int(time.time()))
     log.info("store compacted", extra={"store": str(args.store), "removed": removed,
                                        "deleted_keys": deleted})  # fmt: skip
     print(f"removed {removed:,} expired memberships; {deleted:,} identities left with none")
     return 0
+
+
+def _refuse_replicated(store: Path, why: str) -> None:
+    """``ConfigError`` when ``store`` follows a replication log: a change made to it alone
+    would reach no other node."""
+    opened = SegmentStore(store)
+    try:
+        sequence = opened.applied_sequence()
+    finally:
+        opened.close()
+    if sequence:
+        raise ConfigError(
+            f"{store} is a replicated node's store (it applied log entries up to {sequence}): {why}"
+        )
 
 
 def _section_ids(text: str) -> list[int]:
@@ -741,11 +775,16 @@ def _add_ingest_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "file is applied whole in one transaction, exactly once (the store records applied "
         "names; a re-run skips them); a bad file is refused with its bad line numbers. With "
         "--watch, files dropped in DIR are applied as they settle, then moved to DIR/applied "
-        "or, refused, to DIR/rejected with a .why file.",
+        "or, refused, to DIR/rejected with a .why file. With a replicated --config, --store is "
+        "the node's own store: a file is validated against it, published to the replication "
+        "log as one entry and applied by every node; the command returns once this node "
+        "applied it.",
     )
     ingest.add_argument("files", nargs="*", type=Path, metavar="FILE")
     ingest.add_argument("--store", type=Path, required=True, help="store directory")
-    ingest.add_argument("--config", type=Path, help="TOML configuration ([[platform]] ttl)")
+    ingest.add_argument(
+        "--config", type=Path, help="TOML configuration ([[platform]] ttl, [replication])"
+    )
     ingest.add_argument("--watch", type=Path, metavar="DIR", help="drop directory to watch")
     ingest.add_argument(
         "--interval", type=float, default=5.0, help="seconds between scans of DIR (5)"
@@ -768,16 +807,13 @@ def _ingest(args: argparse.Namespace) -> int:
     platforms = {p.id: p for p in config.platforms}
     if not (store_dir(args.store) / DATA_FILE).is_file():
         SegmentStore(args.store)  # raises the usual "no segment store" error
-
-    def write(job: Callable[[StoreWriter], FileResult]) -> FileResult:
-        with StoreWriter(args.store) as writer:
-            return job(writer)
+    apply = _drop_file_applier(config, args.store, platforms)
 
     failed = 0
     for path in args.files:
         try:
-            result = write(functools.partial(apply_file, path, platforms=platforms))
-        except DropFileError as exc:
+            result = apply(path)
+        except EnrichError as exc:  # refused, or (replicated) not applied here yet
             print(f"enrich-server: {exc}", file=sys.stderr)
             failed += 1
             continue
@@ -787,6 +823,11 @@ def _ingest(args: argparse.Namespace) -> int:
             continue
         if result.skipped:
             print(f"{path}: already applied, skipped")
+        elif result.sequence:
+            print(
+                f"{path}: segment {result.segment}: {result.added:,} add and "
+                f"{result.removed:,} remove lines applied as log entry {result.sequence}"
+            )
         else:
             print(
                 f"{path}: segment {result.segment}: {result.added:,} added, "
@@ -798,12 +839,31 @@ def _ingest(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         log.info("watching drop directory", extra={"dir": str(args.watch)})
         while True:
-            outcomes = process_directory(args.watch, write, platforms, args.settle)
-            failed += sum(isinstance(o, DropFileError) for o in outcomes)
+            outcomes = process_ready(args.watch, apply, args.settle)
+            failed += sum(isinstance(o, EnrichError) for o in outcomes)
             if args.once:
                 break
             time.sleep(args.interval)
     return EXIT_FAILED if failed else 0
+
+
+def _drop_file_applier(
+    config: Config, store: Path, platforms: dict[int, PlatformConfig]
+) -> Callable[[Path], FileResult]:
+    """How ``ingest`` applies one file: in a transaction of its own on a single node; on a
+    replicated node, published to the log and applied by every node. A store that follows a
+    log is never written directly: the other nodes would not get the file."""
+    if config.replicated:
+        return functools.partial(
+            replicated_dropfiles.apply_published, config.replication, store, platforms=platforms
+        )
+    _refuse_replicated(store, "pass the node's --config, so that every node gets the file")
+
+    def apply(path: Path) -> FileResult:
+        with StoreWriter(store) as writer:
+            return apply_file(path, writer, platforms)
+
+    return apply
 
 
 def _check(args: argparse.Namespace) -> int:

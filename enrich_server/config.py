@@ -362,7 +362,7 @@ class ReplicationConfig:
         _stream_replicas,
     )  # fmt: skip
     bucket: str = _opt(
-        "enrich-snapshots", "JetStream object store holding checkpoints (and snapshots)",
+        "enrich-snapshots", "JetStream object store of checkpoints, snapshots, large drop files",
         _bucket_name,
     )  # fmt: skip
     max_lag: float = _opt(5.0, "seconds behind the stream before /readyz answers 503", _seconds)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gzip
 import json
 import os
 import signal
@@ -16,11 +17,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx2 as httpx
+import msgspec
 import nats as nats_client
 import pytest
+from nats.js import api as nats_api
 
 from enrich_server.config import load_config, to_json
-from enrich_server.ingest import checkpoints, objectstore
+from enrich_server.ingest import checkpoints, entries, jetstream, objectstore
+from enrich_server.store import SegmentStore
 from tests.conftest import StoreFactory
 from tests.nats import NatsServer, run_nats
 from tests.test_metrics import Samples, samples
@@ -443,7 +447,10 @@ def test_metrics_report_the_applied_sequence_entries_by_kind_and_lag(
                 "create": 2,
                 "delete": 1,
                 "alias": 0,
+                "dropfile": 0,
+                "compact": 0,
                 "snapshot": 0,
+                "dropobject": 0,
             }
         # a hung ingestion process: the scrape still answers at once, reporting connected 0
         ingestd = next(
@@ -568,3 +575,383 @@ def test_nats_killed_during_pushes_loses_no_acknowledged_one(
             for user in acknowledged:
                 assert _segments_of(node, user) == [str(sid)], user
         _eventually(lambda: _digest(a) == _digest(b))
+
+
+def _drop_file(folder: Path, sid: int, minute: int, text: str) -> Path:
+    """A settled drop file for segment ``sid``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"Mapp_dmp_{sid}_2026_12_06_20_{minute:02d}.tsv.gz"
+    path.write_bytes(gzip.compress(text.encode()))
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    return path
+
+
+def _ingest(config: Path, store: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "enrich_server", "ingest", "--config", str(config),
+         "--store", str(store), *arguments],
+        check=False, capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+
+
+def test_a_drop_file_on_one_node_is_applied_by_every_node_once(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    with _nodes(tmp_path, make_store, nats) as (a, b, c):
+        sid = _create(a, "Dropped")
+        assert _push(a, [{"segment": sid, "userid": "leaving"}]).status_code == 200
+        lines = "".join(f"drop-{i}\n" for i in range(300)) + "leaving\tremove\n"
+        path = _drop_file(tmp_path / "in", sid, 1, lines)
+        config_a = tmp_path / "n0.toml"
+        done = _ingest(config_a, STORES[a.url], str(path))
+        assert done.returncode == 0, done.stderr
+        assert "300 add and 1 remove lines applied as log entry 3" in done.stdout
+        assert _segments_of(a, "drop-299") == [str(sid)]  # applied here before it returned
+        for node in (b, c):
+            _eventually(_serves(node, "drop-0", [str(sid)]))
+            assert _segments_of(node, "leaving") == []
+        again = _ingest(tmp_path / "n1.toml", STORES[b.url], str(path))  # on another node
+        assert again.returncode == 0, again.stderr
+        assert "already applied, skipped" in again.stdout
+        assert _stream_last(nats) == 3  # nothing published the second time
+        _eventually(lambda: _digest(a) == _digest(b) == _digest(c))
+        assert _digest(a)["sequence"] == 3
+
+
+def test_a_bad_drop_file_on_a_replicated_node_publishes_nothing(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    with _nodes(tmp_path, make_store, nats, count=2) as (a, b):
+        sid = _create(a, "Watched")
+        drop = tmp_path / "drop"
+        good = _drop_file(drop, sid, 1, "w1\nw2\tremove\n")
+        bad = _drop_file(drop, sid, 2, "w3\nw 4\nw5\tzap\n")
+        unknown = _drop_file(drop, 12345, 3, "w6\n")  # not a DMP segment
+        direct = _ingest(tmp_path / "n0.toml", STORES[a.url], str(bad))
+        assert direct.returncode == 1
+        assert f"{bad.name}:2: userid" in direct.stderr
+        assert f"{bad.name}:3: op 'zap' is not add or remove" in direct.stderr
+        assert _stream_last(nats) == 1  # only the create
+        watched = _ingest(tmp_path / "n0.toml", STORES[a.url], "--watch", str(drop), "--once")
+        assert watched.returncode == 1  # two refused
+        assert sorted(p.name for p in (drop / "applied").iterdir()) == [good.name]
+        rejected = drop / "rejected"
+        assert (rejected / bad.name).is_file()
+        why = (rejected / f"{bad.name}.why").read_text().splitlines()
+        assert [line.split(": ")[0] for line in why] == [f"{bad.name}:2", f"{bad.name}:3"]
+        assert "not a segment a DMP created" in (rejected / f"{unknown.name}.why").read_text()
+        assert _stream_last(nats) == 2  # the good file alone
+        for node in (a, b):
+            _eventually(_serves(node, "w1", [str(sid)]))
+            assert _segments_of(node, "w3") == []
+        _eventually(lambda: _digest(a) == _digest(b))
+        # A micro-batch too large for one entry (as its planned changes: ~1.2 MB) is a 400
+        # too, not a 503 from NATS.
+        big = [{"segment": sid, "userid": f"{i:0120d}"} for i in range(9_000)]
+        refused = _push(a, big)
+        assert refused.status_code == 400, refused.text
+        assert "one mutations entry may take: split it" in refused.json()["problems"][0]
+        assert _stream_last(nats) == 2
+
+
+def _publish_raw(nats: NatsServer, entry: entries.LogEntry, msg_id: str) -> int:
+    """Publish ``entry`` as a node would, under ``msg_id``; its stream sequence."""
+
+    async def publish() -> int:
+        client = await nats_client.connect(nats.url)
+        try:
+            ack = await client.jetstream().publish(
+                "ENRICH.entries", entries.encode(entry), headers={"Nats-Msg-Id": msg_id}
+            )
+            return ack.seq
+        finally:
+            await client.close()
+
+    return asyncio.run(publish())
+
+
+def test_a_drop_file_published_twice_is_applied_once_on_every_node(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    with _nodes(tmp_path, make_store, nats, count=2) as (a, b):
+        sid = _create(a, "Twice")
+        entry = entries.DropFile(
+            f"Mapp_dmp_{sid}_2026_12_06_20_01.tsv.gz",
+            "ab" * 32, sid, 1, 1_800_000_000_000, 1_900_000_000, [(b"uid:twice", True)],
+        )  # fmt: skip
+        assert _publish_raw(nats, entry, "first") == 2
+        assert _publish_raw(nats, entry, "first") == 2  # within the duplicate window: dropped
+        # Published again after the window (another id), made at another time: skipped by
+        # every applier, as the name and content are recorded.
+        later = msgspec.structs.replace(entry, at_ms=1_800_000_999_000, expires=1_950_000_000)
+        assert _publish_raw(nats, later, "second") == 3
+        for node in (a, b):
+            _eventually(_applied(node, 3))
+        stores = [SegmentStore(STORES[node.url]) for node in (a, b)]
+        try:
+            for store in stores:
+                assert store.memberships(b"uid:twice") == {str(sid): 1_900_000_000}
+                record = json.loads(store.applied_file(entry.name) or b"{}")
+                assert record == {"applied_at": 1_800_000_000, "sha256": "ab" * 32, "lines": 1}
+        finally:
+            for store in stores:
+                store.close()
+        assert _digest(a) == _digest(b)
+
+
+#: Lines of a drop file too large for one entry (about 35,000 fit): it goes through the bucket.
+LARGE_LINES = 60_000
+BUCKET = "enrich-snapshots"  # [replication] bucket's default
+
+
+def _large_drop_file(folder: Path, sid: int, minute: int) -> Path:
+    lines = "".join(f"large-{i:017d}\n" for i in range(LARGE_LINES)) + "leaving\tremove\n"
+    return _drop_file(folder, sid, minute, lines)
+
+
+def _in_bucket(nats: NatsServer, prefix: str) -> list[nats_api.ObjectInfo]:
+    async def names() -> list[nats_api.ObjectInfo]:
+        client = await nats_client.connect(nats.url)
+        try:
+            return await objectstore.names(await client.jetstream().object_store(BUCKET), prefix)
+        finally:
+            await client.close()
+
+    return asyncio.run(names())
+
+
+def _write_object(nats: NatsServer, name: str, data: bytes | None) -> None:
+    """Put ``data`` in the bucket as ``name``, or delete it (``None``)."""
+
+    async def write() -> None:
+        client = await nats_client.connect(nats.url)
+        try:
+            bucket = await client.jetstream().object_store(BUCKET)
+            await (bucket.delete(name) if data is None else bucket.put(name, data))
+        finally:
+            await client.close()
+
+    asyncio.run(write())
+
+
+def _entry_at(nats: NatsServer, sequence: int) -> entries.LogEntry:
+    async def get() -> bytes:
+        client = await nats_client.connect(nats.url)
+        try:
+            data: bytes = (await client.jetstream().get_msg("ENRICH", sequence)).data or b""
+            return data
+        finally:
+            await client.close()
+
+    return entries.decode(asyncio.run(get()))
+
+
+def test_a_drop_file_too_large_for_one_entry_reaches_every_node_through_the_bucket(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    with _nodes(tmp_path, make_store, nats) as (a, b, c):
+        sid = _create(a, "Large")
+        assert _push(a, [{"segment": sid, "userid": "leaving"}]).status_code == 200
+        drop = tmp_path / "drop"
+        path = _large_drop_file(drop, sid, 1)
+        watched = _ingest(tmp_path / "n0.toml", STORES[a.url], "--watch", str(drop), "--once")
+        assert watched.returncode == 0, watched.stderr
+        applied = drop / "applied" / path.name
+        assert applied.is_file()
+        last = f"large-{LARGE_LINES - 1:017d}"
+        assert _segments_of(a, last) == [str(sid)]  # applied here before it returned
+        (stored,) = _in_bucket(nats, "dropfile-")
+        assert stored.size == applied.stat().st_size  # the file as dropped
+        entry = _entry_at(nats, 3)
+        assert isinstance(entry, entries.DropFileObject)
+        assert (entry.object, entry.size, entry.lines) == (stored.name, stored.size, 60_001)
+        for node in (b, c):
+            _eventually(_serves(node, last, [str(sid)]), timeout=30)
+            assert _segments_of(node, "large-00000000000000000") == [str(sid)]
+            assert _segments_of(node, "leaving") == []
+        _eventually(lambda: _digest(a) == _digest(b) == _digest(c))
+        assert _digest(a)["sequence"] == 3
+        again = _ingest(tmp_path / "n1.toml", STORES[b.url], str(applied))  # on another node
+        assert again.returncode == 0, again.stderr
+        assert "already applied, skipped" in again.stdout
+        assert _stream_last(nats) == 3  # nothing published the second time
+        assert len(_in_bucket(nats, "dropfile-")) == 1
+        # Published again after the duplicate window, its object gone meanwhile: skipped by
+        # its record on every node, not fetched, no halt.
+        _write_object(nats, stored.name, None)
+        assert _publish_raw(nats, entry, "again, later") == 4
+        for node in (a, b, c):
+            _eventually(_applied(node, 4))
+            assert _ready(node)["status"] == "ready"
+        assert _digest(a) == _digest(b) == _digest(c)
+
+
+def test_a_large_drop_file_whose_object_is_missing_or_corrupt_halts_a_node_never_skipped(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    store_a, store_b = make_store(SNAPSHOT), make_store(SNAPSHOT)
+    config_a, config_b = _config(tmp_path, "a", nats), _config(tmp_path, "b", nats)
+    with run_server(store_a, "--config", str(config_a)) as a:
+        with run_server(store_b, "--config", str(config_b)) as b:
+            sid = _create(a, "Fragile")
+            _eventually(_applied(b, 1))
+        path = _large_drop_file(tmp_path / "in", sid, 2)
+        original = path.read_bytes()
+        done = _ingest(config_a, store_a, str(path))
+        assert done.returncode == 0, done.stderr
+        assert "applied as log entry 2" in done.stdout
+        (stored,) = _in_bucket(nats, "dropfile-")
+        _write_object(nats, stored.name, None)  # gone before B applied it
+        with run_server(store_b, "--config", str(config_b), wait_for="/healthz") as b:
+            why = "entry 2 (dropobject) cannot be applied: "
+            _eventually(lambda: why + f"{stored.name} is not in the bucket" in str(_ready(b)))
+            _write_object(nats, stored.name, gzip.compress(b"someone-else\n"))  # another one
+            _eventually(lambda: "is not the object the log names" in str(_ready(b)), timeout=20)
+            assert _ready(b)["applied"] == 1  # halted before it, not past it
+            assert _segments_of(b, "large-00000000000000000") == []
+            _write_object(nats, stored.name, original)  # put back: B goes on with it
+            _eventually(_applied(b, 2), timeout=20)
+            assert _ready(b)["status"] == "ready"
+            assert _segments_of(b, "large-00000000000000000") == [str(sid)]
+            STORES[a.url], STORES[b.url] = store_a, store_b
+            assert _digest(a) == _digest(b)
+
+
+def test_a_caught_up_node_halted_on_an_entry_stays_halted_until_it_applies_it(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    store_a = make_store(SNAPSHOT)
+    config_a = _config(tmp_path, "a", nats)
+    with run_server(store_a, "--config", str(config_a)) as a:
+        sid = _create(a, "Held")
+        path = _large_drop_file(tmp_path / "in", sid, 3)
+        assert _ingest(config_a, store_a, str(path)).returncode == 0
+        entry = _entry_at(nats, 2)
+        assert isinstance(entry, entries.DropFileObject)
+        held = msgspec.structs.replace(
+            entry, name=path.name.replace("_03.tsv", "_04.tsv"), object="dropfile-held"
+        )
+        assert _publish_raw(nats, held, "held") == 3
+        _eventually(lambda: "dropfile-held is not in the bucket" in str(_ready(a)))
+        # Each retry looks for the object again: the node stays out of service meanwhile.
+        deadline = time.monotonic() + jetstream.HALTED_RETRY_SECONDS + 1.5
+        while time.monotonic() < deadline:
+            ready = httpx.get(f"{a.url}/readyz", timeout=5)
+            assert ready.status_code == 503, ready.text
+            assert "dropfile-held" in ready.json()["why"]
+            time.sleep(0.1)
+        refused = _push(a, [{"segment": sid, "userid": "x"}])
+        assert refused.status_code == 503
+        assert "cannot apply writes" in refused.json()["error"]
+        _write_object(nats, "dropfile-held", path.read_bytes())
+        _eventually(_applied(a, 3), timeout=20)
+        assert _ready(a)["status"] == "ready"
+        assert _push(a, [{"segment": sid, "userid": "x"}]).status_code == 200
+
+
+def _ttl_config(tmp_path: Path, name: str, nats: NatsServer, ttl: int) -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(
+        f"{PLATFORM.replace('ttl = 0', f'ttl = {ttl}')}\n"
+        f'[replication]\nnats = ["{nats.url}"]\nmax_lag = 2.0\n'
+    )
+    return path
+
+
+def test_a_node_replaying_later_with_another_ttl_reaches_the_same_digest(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    store_a = make_store(SNAPSHOT)
+    config_a = _ttl_config(tmp_path, "a", nats, 3600)
+    with run_server(store_a, "--config", str(config_a)) as a:
+        STORES[a.url] = store_a
+        sid = _create(a, "Expiring")
+        assert _push(a, [{"segment": sid, "userid": "pushed"}]).status_code == 200
+        assert _push(a, [{"segment": sid, "userid": "own", "ttl": 60}]).status_code == 200
+        dropped = _ingest(config_a, store_a, str(_drop_file(tmp_path, sid, 5, "dropped\n")))
+        assert dropped.returncode == 0, dropped.stderr
+        time.sleep(2.5)  # the replay below runs at another second of the clock
+        # Another node, its platform ttl configured otherwise: the entries' own ttl wins.
+        store_d = make_store(SNAPSHOT)
+        config_d = _ttl_config(tmp_path, "d", nats, 60)
+        with run_server(store_d, "--config", str(config_d)) as d:
+            STORES[d.url] = store_d
+            _eventually(_applied(d, 4))
+            assert _segments_of(d, "dropped") == [str(sid)]
+            assert _digest(d) == _digest(a)
+    replayed, original = SegmentStore(store_d), SegmentStore(store_a)
+    try:
+        for user in (b"uid:pushed", b"uid:own", b"uid:dropped"):
+            assert replayed.memberships(user) == original.memberships(user)
+        expiries = original.memberships(b"uid:dropped") or {}
+        assert 3000 < expiries[str(sid)] - time.time() <= 3600  # the publisher's ttl
+    finally:
+        replayed.close()
+        original.close()
+
+
+def test_a_replicated_store_is_not_given_a_drop_file_or_compacted_directly(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    with _nodes(tmp_path, make_store, nats, count=1) as (a,):
+        sid = _create(a, "Guarded")
+        single = tmp_path / "single.toml"
+        single.write_text(PLATFORM)
+        refused = _ingest(single, STORES[a.url], str(_drop_file(tmp_path, sid, 7, "x\n")))
+        assert refused.returncode == 2
+        assert "is a replicated node's store" in refused.stderr
+        assert _segments_of(a, "x") == []
+        compacted = subprocess.run(
+            [sys.executable, "-m", "enrich_server", "compact", "--store", str(STORES[a.url])],
+            check=False, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert compacted.returncode == 2
+        assert "so that every node compacts alike" in compacted.stderr
+
+
+def test_the_stream_is_created_with_explicit_limits(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    with _nodes(tmp_path, make_store, nats, count=1):
+
+        async def config() -> nats_api.StreamConfig:
+            client = await nats_client.connect(nats.url)
+            try:
+                return (await client.jetstream().stream_info("ENRICH")).config
+            finally:
+                await client.close()
+
+        created = asyncio.run(config())
+    assert created.max_msg_size == jetstream.MAX_MESSAGE_BYTES == 1 << 20
+    assert created.duplicate_window == jetstream.DUPLICATE_WINDOW_SECONDS
+    assert created.storage == nats_api.StorageType.FILE
+    assert created.retention == nats_api.RetentionPolicy.LIMITS
+    assert (created.max_age, created.max_msgs, created.max_bytes) == (0, -1, -1)
+
+
+def test_compact_on_a_replicated_node_drops_the_same_memberships_on_every_node(
+    tmp_path: Path, make_store: StoreFactory, nats: NatsServer
+) -> None:
+    with _nodes(tmp_path, make_store, nats, count=2) as (a, b):
+        sid = _create(a, "Short")
+        short = [{"segment": sid, "userid": f"short-{i}", "ttl": 1} for i in range(30)]
+        assert _push(a, [*short, {"segment": sid, "userid": "long"}]).status_code == 200
+        time.sleep(2.1)  # the short ones expired; still in every store, as digests count them
+        done = subprocess.run(
+            [sys.executable, "-m", "enrich_server", "compact", "--store", str(STORES[a.url]),
+             "--config", str(tmp_path / "n0.toml")],
+            check=False, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "in 1 slice(s) (log entries 3-3)" in done.stdout
+        for node in (a, b):
+            _eventually(_applied(node, 3))
+            store = SegmentStore(STORES[node.url])
+            try:
+                assert store.memberships(b"uid:short-0") is None  # the key went with its last
+                assert store.memberships(b"uid:long") == {str(sid): 0}
+            finally:
+                store.close()
+            assert _segments_of(node, "long") == [str(sid)]
+        assert _digest(a) == _digest(b)

@@ -2,10 +2,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from operator import itemgetter
 from pathlib import Path
 
 import lmdb
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from enrich_server.errors import StoreError
 from enrich_server.store import (
@@ -171,3 +174,61 @@ def test_stats_counts_namespaces_and_segments(make_store: StoreFactory) -> None:
     assert stats.file_bytes >= stats.data_bytes > 0
     assert stats.built_at > 0
     assert stats.generation == 1
+
+
+def test_drop_expired_in_slices_covers_every_key_once(make_store: StoreFactory) -> None:
+    store = make_store("".join(f"uid:k{i:03d}\tseg\n" for i in range(250)))
+    with StoreWriter(store) as writer:
+        sid = writer.segment_id("seg")
+        assert sid is not None
+        for i in range(250):
+            writer.add(f"uid:k{i:03d}".encode(), (sid,), 100)  # expired at 100
+    bounds = [b"uid:k050", b"uid:k100", b"uid:k200"]
+    removed = []
+    for start, end in zip([b"", *bounds], [*bounds, None], strict=True):
+        with StoreWriter(store) as writer:
+            removed.append(writer.drop_expired(100, start, end))
+    assert removed == [(50, 50), (50, 50), (100, 100), (50, 50)]
+
+
+def _members(store: Path) -> dict[bytes, bytes]:
+    env = lmdb.open(str(store), max_dbs=8, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            return {bytes(k): bytes(v) for k, v in txn.cursor(db=env.open_db(b"members", txn=txn))}
+    finally:
+        env.close()
+
+
+_CHANGE = st.tuples(
+    st.sampled_from([b"uid:a", b"uid:b", b"uid:c"]),
+    st.integers(1, 4),
+    st.booleans(),
+    st.sampled_from([0, 100, 200]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(before=st.lists(_CHANGE, max_size=12), changes=st.lists(_CHANGE, max_size=30))
+def test_apply_changes_writes_what_add_one_and_remove_in_turn_write(
+    tmp_path_factory: pytest.TempPathFactory,
+    before: list[tuple[bytes, int, bool, int]],
+    changes: list[tuple[bytes, int, bool, int]],
+) -> None:
+    # Same starting values (some keys with several expiry groups), then the same changes:
+    # one at a time on one store, sorted by key (stable) through apply_changes on the other.
+    folder = tmp_path_factory.mktemp("changes")
+    stores = folder / "one-by-one", folder / "batched"
+    for store in stores:
+        with StoreWriter(store) as writer:
+            for key, sid, _, expires in before:
+                writer.add(key, (sid,), expires)
+    with StoreWriter(stores[0]) as writer:
+        for key, sid, add, expires in changes:
+            if add:
+                writer.add_one(key, sid, expires)
+            else:
+                writer.remove(key, (sid,))
+    with StoreWriter(stores[1]) as writer:
+        writer.apply_changes(sorted(changes, key=itemgetter(0)))
+    assert _members(stores[1]) == _members(stores[0])

@@ -165,6 +165,28 @@ def plan_batch(
     return planned
 
 
+def plan_in(
+    writer: StoreWriter,
+    platform: int,
+    default_ttl: int,
+    items: Sequence[Mutation | str],
+    now: int,
+) -> Planned:
+    """``plan_batch`` against the store as ``writer``'s transaction sees it."""
+
+    def owner_of(sid: int) -> int | None:
+        owner = writer.dmp_segment(sid)
+        return None if owner is None else owner[0]
+
+    return plan_batch(owner_of, platform, default_ttl, items, now)
+
+
+def applied(planned: Planned) -> Applied:
+    """What applying ``planned`` does, by op (the answer does not depend on the store)."""
+    adds = sum(add for _, _, add, _ in planned)
+    return Applied(len(planned), Counter({ADD: adds, REMOVE: len(planned) - adds}))
+
+
 def apply_batch(
     writer: StoreWriter,
     platform: int,
@@ -174,17 +196,6 @@ def apply_batch(
 ) -> Applied:
     """Validate ``items`` against the store (``plan_batch``, inside the write transaction),
     then apply them all, in key order; raises ``BatchError`` with nothing written."""
-
-    def owner_of(sid: int) -> int | None:
-        owner = writer.dmp_segment(sid)
-        return None if owner is None else owner[0]
-
-    planned = plan_batch(owner_of, platform, default_ttl, items, now or int(time.time()))
-    adds = 0
-    for key, sid, add, expires in planned:
-        if add:
-            writer.add_one(key, sid, expires)
-            adds += 1
-        else:
-            writer.remove(key, (sid,))
-    return Applied(len(planned), Counter({ADD: adds, REMOVE: len(planned) - adds}))
+    planned = plan_in(writer, platform, default_ttl, items, now or int(time.time()))
+    writer.apply_changes(planned)
+    return applied(planned)

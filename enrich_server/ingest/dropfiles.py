@@ -10,6 +10,11 @@ name in the store (``applied_files``): a crash before the commit leaves nothing 
 no record, so the next run applies it; after it, the record makes a re-run skip it. A bad
 file (name, gzip, any bad line) is refused with every bad line's number and, in a watched
 directory, moved to ``rejected/`` with the reasons beside it.
+
+A file is validated into one log entry (``entries.DropFile``: its users, the expiry resolved
+from the platform's ttl, the time it was made), which a single node applies at once in the
+same transaction, and a replicated node publishes for every node to apply alike
+(``replicated_dropfiles``).
 """
 
 from __future__ import annotations
@@ -24,14 +29,15 @@ import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Final
 
-import msgspec
-
 from enrich_server.config import PlatformConfig
-from enrich_server.errors import EnrichError
+from enrich_server.errors import EnrichError, StoreError
+from enrich_server.ingest import entries
 from enrich_server.ingest.batches import ADD, MAX_LISTED_PROBLEMS, OPS, user_key
+from enrich_server.ingest.entries import DropFile
 from enrich_server.keys import UID
 from enrich_server.store import StoreWriter
 
@@ -45,8 +51,6 @@ APPLIED_DIR: Final = "applied"
 REJECTED_DIR: Final = "rejected"
 #: A file younger than this may still be being written by the uploader: left for later.
 DEFAULT_SETTLE_SECONDS: Final = 2.0
-_RECORD: Final = msgspec.json.Encoder()
-_RECORD_DECODER: Final = msgspec.json.Decoder(dict[str, object])
 
 
 class DropFileError(EnrichError):
@@ -68,6 +72,9 @@ class FileResult:
     removed: int
     skipped: bool
     """Already applied earlier: nothing done this time."""
+    sequence: int = 0
+    """The replication log entry it was published as (0: applied locally). Then ``added``
+    and ``removed`` count its add and remove lines."""
 
 
 def segment_of(name: str) -> int:
@@ -110,6 +117,15 @@ def read_mutations(path: Path) -> list[tuple[bytes, bool]]:
     return out
 
 
+def read_users(path: Path) -> list[tuple[bytes, bool]]:
+    """A drop file's ``(key, add)`` in the order they are applied (by key; a user's lines in
+    file order): the same on the node that validates it and on every node that re-reads it
+    from the object store. Raises ``DropFileError``."""
+    users = read_mutations(path)
+    users.sort(key=itemgetter(0))  # in place, stable: a million lines are not held twice
+    return users
+
+
 def _parse(line: bytes) -> tuple[bytes, bool]:
     try:
         text = line.decode("utf-8")
@@ -124,6 +140,42 @@ def _parse(line: bytes) -> tuple[bytes, bool]:
     return user_key(fields[0], UID), op == ADD
 
 
+def prepare(
+    path: Path,
+    applied: Callable[[str], bytes | None],
+    owner: Callable[[int], int | None],
+    platforms: Mapping[int, PlatformConfig],
+    at_ms: int,
+) -> DropFile | FileResult:
+    """Validate drop file ``path`` against a store (``applied``: a name's record in
+    ``applied_files``; ``owner``: the platform that created a DMP segment) into the log entry
+    that applies it, made at ``at_ms`` (ms since epoch, which the expiries count from); a
+    skipped ``FileResult`` when it was applied before. Raises ``DropFileError``."""
+    name = path.name
+    try:
+        sid = segment_of(name)
+    except ValueError as exc:
+        raise DropFileError(path, [str(exc)]) from None
+    with path.open("rb") as data:
+        digest = hashlib.file_digest(data, "sha256").hexdigest()
+    earlier = applied(name)
+    if earlier is not None:
+        record = entries.file_record(earlier)
+        if record.get("sha256") == digest:
+            return FileResult(name, sid, 0, 0, skipped=True)
+        raise DropFileError(path, [entries.file_conflict(name, record)])
+    platform = owner(sid)
+    if platform is None:
+        raise DropFileError(
+            path, [f"segment {sid} is not a segment a DMP created (POST /v1/segment)"]
+        )
+    users = read_users(path)
+    settings = platforms.get(platform)
+    ttl = settings.ttl if settings is not None else 0
+    expires = at_ms // 1000 + ttl if ttl else 0
+    return DropFile(name, digest, sid, len(users), at_ms, expires, users)
+
+
 def apply_file(
     path: Path,
     writer: StoreWriter,
@@ -131,46 +183,17 @@ def apply_file(
     now: int | None = None,
 ) -> FileResult:
     """Apply one drop file in ``writer``'s transaction, once; raises ``DropFileError``."""
-    name = path.name
-    try:
-        sid = segment_of(name)
-    except ValueError as exc:
-        raise DropFileError(path, [str(exc)]) from None
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    earlier = writer.applied_file(name)
-    if earlier is not None:
-        record = _RECORD_DECODER.decode(earlier)
-        if record.get("sha256") == digest:
-            return FileResult(name, sid, 0, 0, skipped=True)
-        raise DropFileError(
-            path,
-            [f"a different file named {name} was applied at {record.get('applied_at')}: "
-             "a correction needs a new name (the next minute's)"],
-        )  # fmt: skip
-    owner = writer.dmp_segment(sid)
-    if owner is None:
-        raise DropFileError(
-            path, [f"segment {sid} is not a segment a DMP created (POST /v1/segment)"]
-        )
-    mutations = read_mutations(path)
-    platform = platforms.get(owner[0])
-    ttl = platform.ttl if platform is not None else 0
-    now = int(time.time()) if now is None else now
-    expires = now + ttl if ttl else 0
-    added = removed = 0
-    for key, add in sorted(mutations, key=lambda m: m[0]):  # stable: a user's order holds
-        if add:
-            writer.add_one(key, sid, expires)
-            added += 1
-        else:
-            removed += writer.remove(key, (sid,))
-    record = {
-        "applied_at": now,
-        "sha256": digest,
-        "lines": len(mutations),
-    }
-    writer.record_applied_file(name, _RECORD.encode(record))
-    return FileResult(name, sid, added, removed, skipped=False)
+    at_ms = time.time_ns() // 1_000_000 if now is None else now * 1000
+
+    def owner(sid: int) -> int | None:
+        segment = writer.dmp_segment(sid)
+        return None if segment is None else segment[0]
+
+    prepared = prepare(path, writer.applied_file, owner, platforms, at_ms)
+    if isinstance(prepared, FileResult):
+        return prepared
+    added, removed = entries.apply(writer, prepared)  # checked above, in this transaction
+    return FileResult(prepared.name, prepared.segment, added, removed, skipped=False)
 
 
 def pending_files(directory: Path, settle: float, now: float | None = None) -> list[Path]:
@@ -200,20 +223,37 @@ def process_directory(
     write: Callable[[Callable[[StoreWriter], FileResult]], FileResult],
     platforms: Mapping[int, PlatformConfig],
     settle: float = DEFAULT_SETTLE_SECONDS,
-) -> list[FileResult | DropFileError]:
+) -> list[FileResult | DropFileError | StoreError]:
     """Apply every ready file of a watched directory, each in its own transaction (through
-    ``write``); move applied ones to ``applied/`` and refused ones to ``rejected/`` with a
-    ``.why`` file beside them."""
-    outcomes: list[FileResult | DropFileError] = []
+    ``write``); see ``process_ready``."""
+    return process_ready(
+        directory,
+        lambda path: write(functools.partial(apply_file, path, platforms=platforms)),
+        settle,
+    )
+
+
+def process_ready(
+    directory: Path, apply: Callable[[Path], FileResult], settle: float = DEFAULT_SETTLE_SECONDS
+) -> list[FileResult | DropFileError | StoreError]:
+    """Apply every ready file of a watched directory with ``apply``; move applied ones to
+    ``applied/`` and refused ones to ``rejected/`` with a ``.why`` file beside them. A file
+    ``apply`` could not get through (``StoreError``: a replicated node's log unreachable, or
+    its applier behind) stays where it is, for the next scan."""
+    outcomes: list[FileResult | DropFileError | StoreError] = []
     for path in pending_files(directory, settle):
         try:
-            result = write(functools.partial(apply_file, path, platforms=platforms))
+            result = apply(path)
         except DropFileError as exc:
             rejected = directory / REJECTED_DIR
             rejected.mkdir(exist_ok=True)
             path.rename(rejected / path.name)
             (rejected / f"{path.name}.why").write_text("\n".join(exc.problems) + "\n")
             log.warning("drop file refused", extra={"file": path.name, "problems": exc.problems})
+            outcomes.append(exc)
+            continue
+        except StoreError as exc:
+            log.warning("drop file not applied yet", extra={"file": path.name, "error": str(exc)})
             outcomes.append(exc)
             continue
         applied = directory / APPLIED_DIR

@@ -40,16 +40,28 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from enrich_server import config as config_module
-from enrich_server.config import Config
+from enrich_server.config import Config, ReplicationConfig
 from enrich_server.errors import StoreError, UnconfirmedWriteError
-from enrich_server.ingest import checkpoints, entries, objectstore, replicated_snapshots
-from enrich_server.ingest.entries import Entry, Outcome, Snapshot
+from enrich_server.ingest import (
+    checkpoints,
+    dropobjects,
+    entries,
+    objectstore,
+    replicated_snapshots,
+)
+from enrich_server.ingest.batches import BatchError
+from enrich_server.ingest.entries import DropFileObject, Entry, LogEntry, Outcome, Snapshot
 from enrich_server.store import SegmentStore, StoreWriter
 
 log = logging.getLogger(__name__)
 
 #: JetStream's deduplication window: a publish retried within it is stored once.
 DUPLICATE_WINDOW_SECONDS: Final = 120.0
+#: The stream's largest message: nats-server's default ``max_payload`` (1 MiB), which also
+#: bounds every publish (headers included) unless the servers are configured higher.
+MAX_MESSAGE_BYTES: Final = 1 << 20
+#: The largest entry published: the message less room for its headers (``Nats-Msg-Id``).
+MAX_ENTRY_BYTES: Final = MAX_MESSAGE_BYTES - 1024
 #: Most entries applied in one transaction: bounds how long one commit holds the write lock.
 MAX_GROUP: Final = 512
 #: Received entries held before the subscription stops taking more (flow control then
@@ -91,6 +103,35 @@ class Status:
         return not self.connected or self.lag_seconds <= max_lag
 
 
+def stream_config(config: ReplicationConfig) -> api.StreamConfig:
+    """The stream as a node creates it when missing (README, "Running several replicas").
+
+    Limits retention with no limit: no age, count or size drops an entry, since a node
+    whose next entry is gone can only restore a checkpoint, and halts if none covers it.
+    Bounding the stream is the operator's act (a purge up to a checkpoint's sequence).
+    """
+    return api.StreamConfig(
+        name=config.stream,
+        subjects=[config.subject],
+        retention=api.RetentionPolicy.LIMITS,
+        max_age=0,  # seconds; 0 = entries never expire
+        max_msgs=-1,
+        max_bytes=-1,
+        max_msg_size=MAX_MESSAGE_BYTES,
+        storage=api.StorageType.FILE,
+        num_replicas=config.replicas,
+        duplicate_window=DUPLICATE_WINDOW_SECONDS,
+    )
+
+
+def too_large(entry: LogEntry, size: int) -> str:
+    """Why an entry of ``size`` bytes is not published."""
+    return (
+        f"as a replication log entry it takes {size:,} bytes, over the {MAX_ENTRY_BYTES:,}"
+        f" bytes one {entries.kind(entry)} entry may take: split it"
+    )
+
+
 class JetStreamLog:
     """Publishes entries and applies the stream to the store (``start``, then ``submit``)."""
 
@@ -112,6 +153,7 @@ class JetStreamLog:
         self._drained = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._behind_since = 0.0
+        self._halted_on = 0  # the entry the applier halted on (``_HaltedError.sequence``)
         self._resubscribe = False
         self.status = Status(applied_by_kind={})
 
@@ -141,7 +183,10 @@ class JetStreamLog:
         raises its clean error. ``StoreError`` when NATS did not acknowledge it."""
         if self.status.halted:  # it could not apply the write, nor validate it on fresh data
             raise StoreError(f"this node cannot apply writes: {self.status.halted}")
-        entries.check(self._view(), entry)
+        published = entries.checked(self._view(), entry)
+        payload = entries.encode(published)
+        if len(payload) > MAX_ENTRY_BYTES:  # NATS would refuse it: a 400, not a 503
+            raise BatchError([too_large(published, len(payload))])
         js = self._js
         if js is None or self._nc is None or not self._nc.is_connected:
             self.status.publish_failures += 1
@@ -150,7 +195,7 @@ class JetStreamLog:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiters[msg_id] = future
         try:
-            await self._publish(js, entries.encode(entry), msg_id)
+            await self._publish(js, payload, msg_id)
             try:
                 result, refused = await asyncio.wait_for(future, APPLY_WAIT_SECONDS)
             except TimeoutError:
@@ -203,6 +248,7 @@ class JetStreamLog:
                 if self.status.halted != str(exc):
                     log.error("replication applier halted", extra={"error": str(exc)})
                 self.status.halted = str(exc)
+                self._halted_on = exc.sequence
                 # Looked at again now and then: a checkpoint uploaded meanwhile may cover it.
                 await asyncio.sleep(HALTED_RETRY_SECONDS)
                 continue
@@ -232,13 +278,7 @@ class JetStreamLog:
         try:
             await self._js.stream_info(self._config.stream)
         except nats.js.errors.NotFoundError:
-            await self._js.add_stream(
-                name=self._config.stream,
-                subjects=[self._subject],
-                storage=api.StorageType.FILE,
-                num_replicas=self._config.replicas,
-                duplicate_window=DUPLICATE_WINDOW_SECONDS,
-            )
+            await self._js.add_stream(stream_config(self._config))
             log.info("replication stream created", extra={"stream": self._config.stream})
 
     async def _disconnected(self) -> None:
@@ -273,7 +313,7 @@ class JetStreamLog:
                 f"the store applied up to {start - 1} but the stream ends at {last}: the"
                 " stream was recreated or lost entries; this store cannot follow it"
             )
-        self.status.halted = ""  # whatever stopped an earlier attempt is resolved
+        self._resolve_halt()  # a gap that stopped an earlier attempt is closed
         self._note_last(last)
         self._received.clear()
         self._resubscribe = False
@@ -353,34 +393,42 @@ class JetStreamLog:
             if sequence != expected:
                 raise _HaltedError(
                     f"entry {sequence} arrived after {expected - 1}: entries in between are"
-                    " missing from the stream; restore a checkpoint"
+                    " missing from the stream; restore a checkpoint",
+                    expected,
                 )
             try:
                 entry = entries.decode(msg.data)
             except msgspec.DecodeError as exc:
                 raise _HaltedError(
-                    f"entry {sequence} is not an entry this version reads: {exc}"
+                    f"entry {sequence} is not an entry this version reads: {exc}", sequence
                 ) from None
             expected += 1
-            if isinstance(entry, Snapshot):  # applied alone, after what came before it
+            if isinstance(entry, Snapshot | DropFileObject):  # alone, after what came before
                 await self._apply_entries(batch)
                 batch = []
-                await self._apply_snapshot(sequence, entry)
+                await self._apply_object(sequence, entry)
                 continue
             batch.append((sequence, (msg.headers or {}).get(_MSG_ID), entry))
         await self._apply_entries(batch)
 
-    async def _apply_snapshot(self, sequence: int, entry: Snapshot) -> None:
+    async def _apply_object(self, sequence: int, entry: Snapshot | DropFileObject) -> None:
+        """Apply an entry whose content is an object of the bucket; halt, never skip it,
+        when the bucket cannot give that object."""
         assert self._js is not None
         bucket = await objectstore.bucket(self._js, self._config)
         try:
-            await replicated_snapshots.swap_in(bucket, entry, sequence, self._root, self._run)
-        except FileNotFoundError as exc:
+            if isinstance(entry, Snapshot):
+                await replicated_snapshots.swap_in(bucket, entry, sequence, self._root, self._run)
+            else:
+                await dropobjects.apply(bucket, entry, sequence, self._root, self._run)
+        except (FileNotFoundError, objectstore.CorruptObjectError) as exc:
             raise _HaltedError(
-                f"entry {sequence} is a snapshot no longer in the bucket ({exc}): a checkpoint"
-                " taken after it is needed"
+                f"entry {sequence} ({entries.kind(entry)}) cannot be applied: {exc}; put the"
+                " object back, or restore a checkpoint taken after it",
+                sequence,
             ) from None
         self.status.applied = sequence
+        self._resolve_halt()
         self._count(entries.kind(entry))
         self._update_lag()
 
@@ -410,7 +458,13 @@ class JetStreamLog:
         applied = batch[len(batch) - len(outcomes) :]  # without what an earlier run applied
         for _, _, entry in applied:
             self._count(entries.kind(entry))
-        for (_, msg_id, _), outcome in zip(applied, outcomes, strict=True):
+        for (sequence, msg_id, entry), outcome in zip(applied, outcomes, strict=True):
+            if outcome[1] is not None:  # refused alike on every node: said once on each
+                log.warning(
+                    "replication entry refused",
+                    extra={"sequence": sequence, "kind": entries.kind(entry),
+                           "error": str(outcome[1])},
+                )  # fmt: skip
             future = self._waiters.get(msg_id or "")
             if future is not None and not future.done():
                 future.set_result(outcome)
@@ -430,6 +484,14 @@ class JetStreamLog:
         self.status.last = max(self.status.last, last)
         self._update_lag()
 
+    def _resolve_halt(self) -> None:
+        """Clear the halt once what caused it is behind the store: right away for a gap
+        (checked before subscribing), once applied past it for an entry that could not be
+        applied (so ``/readyz`` and writes stay refused while each retry tries it again)."""
+        if self.status.halted and self.status.applied >= self._halted_on:
+            self.status.halted = ""
+            self._halted_on = 0
+
     def _update_lag(self) -> None:
         now = time.monotonic()
         # What this node applied is in the stream: the last look may be older than that.
@@ -445,4 +507,9 @@ class JetStreamLog:
 
 
 class _HaltedError(Exception):
-    """The stream cannot be applied from here on without skipping entries."""
+    """The stream cannot be applied from here on without skipping entries; ``sequence``:
+    the entry that could not be applied (0: the store and the stream do not join up)."""
+
+    def __init__(self, message: str, sequence: int = 0) -> None:
+        super().__init__(message)
+        self.sequence = sequence

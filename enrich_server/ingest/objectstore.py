@@ -1,7 +1,8 @@
 """The JetStream object store bucket of a replicated cluster: whole stores travel through it.
 
 Checkpoints (``checkpoints``) and replicated snapshots (``snapshots``) are single LMDB files
-(``data.mdb``) stored as objects of ``[replication] bucket``. Transfers stream from and to a
+(``data.mdb``) stored as objects of ``[replication] bucket``; drop files too large for one
+log entry (``dropobjects``) are stored there as they were dropped. Transfers stream from and to a
 directory inside the store's root (``working_dir``), never through memory or ``/tmp`` (a pod's
 ``/tmp`` may be a small in-memory volume); JetStream checks the SHA-256 of what it hands back.
 """
@@ -9,6 +10,7 @@ directory inside the store's root (``working_dir``), never through memory or ``/
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import shutil
 from collections.abc import Iterator
@@ -63,7 +65,7 @@ async def bucket(js: JetStreamContext, config: ReplicationConfig) -> ObjectStore
         return await js.create_object_store(
             config.bucket,
             config=api.ObjectStoreConfig(
-                description="enrich-server checkpoints and snapshots",
+                description="enrich-server checkpoints, snapshots and large drop files",
                 storage=api.StorageType.FILE,
                 replicas=config.replicas,
             ),
@@ -110,7 +112,13 @@ async def upload(
     store: ObjectStore, name: str, directory: Path, description: str
 ) -> api.ObjectInfo:
     """Store ``directory``'s LMDB file as object ``name``."""
-    path = directory / DATA_FILE
+    return await upload_file(store, name, directory / DATA_FILE, description)
+
+
+async def upload_file(
+    store: ObjectStore, name: str, path: Path, description: str
+) -> api.ObjectInfo:
+    """Store the file at ``path`` as object ``name``, streamed from disk."""
     meta = api.ObjectMeta(name=name, description=description)
     try:
         with path.open("rb") as data:
@@ -121,14 +129,47 @@ async def upload(
         raise StoreError(f"cannot upload {name}: {exc!r}") from None
 
 
-async def download(store: ObjectStore, name: str, size: int, directory: Path) -> None:
+async def download(store: ObjectStore, name: str, size: int, directory: Path) -> api.ObjectInfo:
     """Write object ``name`` (``size`` bytes, for the time allowed) as ``directory``'s LMDB
-    file; ``FileNotFoundError`` when the bucket no longer holds it, ``StoreError`` when it
-    cannot be fetched whole (its SHA-256 included)."""
+    file; see ``download_file``."""
+    return await download_file(store, name, size, directory / DATA_FILE)
+
+
+async def download_file(store: ObjectStore, name: str, size: int, path: Path) -> api.ObjectInfo:
+    """Stream object ``name`` (``size`` bytes, for the time allowed) to ``path``; its info.
+    ``FileNotFoundError`` when the bucket no longer holds it, ``CorruptObjectError`` when
+    its bytes do not have the SHA-256 the bucket holds for them, ``StoreError`` when it
+    cannot be fetched whole."""
     try:
-        with (directory / DATA_FILE).open("wb") as data:
-            await asyncio.wait_for(store.get(name, writeinto=data), _timeout(size))
+        with path.open("wb") as data:
+            got = await asyncio.wait_for(store.get(name, writeinto=data), _timeout(size))
     except nats.js.errors.NotFoundError:
         raise FileNotFoundError(f"{name} is not in the bucket") from None
+    except nats.js.errors.DigestMismatchError:
+        raise CorruptObjectError(f"{name} in the bucket does not match its SHA-256") from None
     except (TimeoutError, nats.errors.Error) as exc:
         raise StoreError(f"cannot download {name}: {exc!r}") from None
+    return got.info
+
+
+async def fetch(store: ObjectStore, name: str, size: int, digest: str, path: Path) -> None:
+    """Download object ``name`` to ``path`` and check it is the one a log entry names (its
+    ``size`` and JetStream ``digest``, checked on what was downloaded: the name may have been
+    written again meanwhile). Raises as ``download_file``, ``CorruptObjectError`` when the
+    object is another."""
+    info = await download_file(store, name, size, path)
+    if (info.size, info.digest) != (size, digest):
+        raise CorruptObjectError(
+            f"{name} in the bucket ({info.size} bytes, {info.digest}) is not the object the"
+            f" log names ({size} bytes, {digest})"
+        )
+
+
+def sha256_digest(hexdigest: str) -> str:
+    """JetStream's form of a SHA-256 (``SHA-256=`` and URL-safe base64), from its hex form."""
+    return "SHA-256=" + base64.urlsafe_b64encode(bytes.fromhex(hexdigest)).decode()
+
+
+class CorruptObjectError(Exception):
+    """An object of the bucket is not the one the log entry naming it says: never applied in
+    its place (the applier halts on it, as on a missing one)."""

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import nats.errors
-import nats.js.errors
 from nats.js import api
 from nats.js.object_store import ObjectStore
 
@@ -114,15 +113,12 @@ async def swap_in(
 ) -> str | None:
     """Apply log entry ``sequence``, ``entry``, to the store at ``root`` through the
     applier's writer (``run``); returns ``None`` once swapped in (or applied before), else
-    why every node refuses it. ``FileNotFoundError`` when the bucket no longer holds it."""
+    why every node refuses it. ``FileNotFoundError`` when the bucket no longer holds it,
+    ``objectstore.CorruptObjectError`` when it holds another object under its name."""
     with objectstore.working_dir(root, "snapshot") as directory:
-        try:
-            info = await bucket.get_info(entry.object)
-        except nats.js.errors.NotFoundError:
-            raise FileNotFoundError(f"{entry.object} is not in the bucket") from None
-        if (info.size, info.digest) != (entry.size, entry.digest):
-            raise StoreError(f"{entry.object} in the bucket is not the snapshot the log names")
-        await objectstore.download(bucket, entry.object, entry.size, directory)
+        await objectstore.fetch(
+            bucket, entry.object, entry.size, entry.digest, directory / DATA_FILE
+        )
 
         def job(writer: StoreWriter) -> str | None:
             if writer.applied_sequence() >= sequence:

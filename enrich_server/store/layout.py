@@ -123,6 +123,15 @@ def value_header(items: int) -> bytes:
 
 def encode_memberships(memberships: dict[int, int]) -> bytes:
     """Pack ``{segment_id: expires}`` into a ``members`` value (groups in first-seen order)."""
+    return _VALUE_ENCODER.encode(_grouped(memberships))
+
+
+def decode_memberships(raw: bytes | memoryview) -> dict[int, int]:
+    """Unpack a ``members`` value into ``{segment_id: expires}``."""
+    return _by_segment(_VALUE_DECODER.decode(raw))
+
+
+def _grouped(memberships: dict[int, int]) -> list[int]:
     groups: dict[int, list[int]] = {}
     for sid, expires in memberships.items():
         groups.setdefault(expires, []).append(sid)
@@ -131,12 +140,10 @@ def encode_memberships(memberships: dict[int, int]) -> bytes:
         flat.append(expires)
         flat.append(len(sids))
         flat.extend(sids)
-    return _VALUE_ENCODER.encode(flat)
+    return flat
 
 
-def decode_memberships(raw: bytes | memoryview) -> dict[int, int]:
-    """Unpack a ``members`` value into ``{segment_id: expires}``."""
-    flat = _VALUE_DECODER.decode(raw)
+def _by_segment(flat: list[int]) -> dict[int, int]:
     out: dict[int, int] = {}
     i = 0
     while i < len(flat):
@@ -146,6 +153,44 @@ def decode_memberships(raw: bytes | memoryview) -> dict[int, int]:
         for sid in flat[start:i]:
             out[sid] = expires
     return out
+
+
+def add_to_value(flat: list[int], sid: int, expires: int) -> bool:
+    """Make a decoded ``members`` value (``decode_value``) hold ``sid`` until ``expires``, in
+    place; ``False`` when it already did (nothing to write). A new membership joins the group
+    of its expiry, or a new group at the end; one that changes expiry goes through the dict
+    (``encode_memberships``'s order), as ``StoreWriter.add`` would."""
+    same_group = -1
+    i = 0
+    while i < len(flat):
+        count = flat[i + 1]
+        if sid in flat[i + 2 : i + 2 + count]:
+            if flat[i] == expires:
+                return False
+            memberships = _by_segment(flat)
+            memberships[sid] = expires
+            flat[:] = _grouped(memberships)
+            return True
+        if flat[i] == expires:
+            same_group = i
+        i += 2 + count
+    if same_group < 0:
+        flat += (expires, 1, sid)
+    else:
+        end = same_group + 2 + flat[same_group + 1]
+        flat.insert(end, sid)
+        flat[same_group + 1] += 1
+    return True
+
+
+def remove_from_value(flat: list[int], sid: int) -> bool:
+    """Take ``sid`` out of a decoded ``members`` value, in place (an empty one means the key
+    goes); ``False`` when it was not a member."""
+    memberships = _by_segment(flat)
+    if memberships.pop(sid, None) is None:
+        return False
+    flat[:] = _grouped(memberships)
+    return True
 
 
 def store_dir(path: Path) -> Path:

@@ -437,6 +437,14 @@ class SegmentStore:
                 return None
             return _dmp_segment(sid, raw, txn.get(packed, db=self._names_db))
 
+    def applied_file(self, name: str) -> bytes | None:
+        """The record of a drop file already applied, or ``None``."""
+        applied = self._opened(Tables.APPLIED_FILES)
+        if applied is None:
+            return None
+        with self._env.begin() as txn:
+            return txn.get(name.encode(), db=applied)
+
     def memberships(self, key: bytes) -> dict[str, int] | None:
         """All memberships of ``key`` (expired ones included) as ``{segment: expires}``."""
         with self._env.begin() as txn:

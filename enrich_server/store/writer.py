@@ -23,6 +23,7 @@ from enrich_server.store.layout import (
     MAX_SEGMENT_ID,
     Meta,
     Tables,
+    add_to_value,
     decode_dmp_segment,
     decode_memberships,
     decode_value,
@@ -31,6 +32,7 @@ from enrich_server.store.layout import (
     map_size_for,
     open_environment,
     pack_segment_id,
+    remove_from_value,
     store_dir,
     unpack_segment_id,
 )
@@ -144,29 +146,53 @@ class StoreWriter:
         membership per mutation. A membership already there with the same expiry is left
         alone, so a repeated push dirties no page."""
         raw = self._txn.get(key, db=self._members)
-        if raw is None:
-            self._put_flat(key, [expires, 1, sid])
-            return
-        flat = decode_value(raw)
-        same_group = -1
-        i = 0
-        while i < len(flat):
-            count = flat[i + 1]
-            if sid in flat[i + 2 : i + 2 + count]:
-                if flat[i] == expires:
-                    return
-                self.add(key, (sid,), expires)  # moves between expiry groups: the general path
-                return
-            if flat[i] == expires:
-                same_group = i
-            i += 2 + count
-        if same_group < 0:
-            flat += (expires, 1, sid)
-        else:
-            end = same_group + 2 + flat[same_group + 1]
-            flat.insert(end, sid)
-            flat[same_group + 1] += 1
-        self._put_flat(key, flat)
+        flat = [] if raw is None else decode_value(raw)
+        if add_to_value(flat, sid, expires):
+            self._put_flat(key, flat)
+
+    def apply_changes(self, changes: Iterable[tuple[bytes, int, bool, int]]) -> None:
+        """Apply membership changes ``(key, segment, add, expires)`` given in key order (a
+        key's own changes in the order they were made: a stable sort keeps it), to the same
+        effect as ``add_one`` or ``remove`` for each in turn. Each key is read and written
+        once, through one cursor: LMDB looks for the next key on the page the cursor is on
+        before it descends from the root, so sorted keys mostly skip the descent."""
+        cursor = self._txn.cursor(db=self._members)
+        key = b""
+        flat: list[int] | None = None
+        found = changed = False
+        for next_key, sid, add, expires in changes:
+            if next_key != key:
+                if changed or (found and not flat):
+                    self._store_value(cursor, key, flat, found)
+                key = next_key
+                found = cursor.set_key(key)
+                flat = decode_value(cursor.value()) if found else None
+                changed = False
+            if add:
+                if flat is None:
+                    flat = [expires, 1, sid]
+                    changed = True
+                elif add_to_value(flat, sid, expires):
+                    changed = True
+            elif flat is not None and remove_from_value(flat, sid):
+                changed = True
+        if changed or (found and not flat):
+            self._store_value(cursor, key, flat, found)
+
+    def _store_value(
+        self, cursor: lmdb.Cursor[bytes], key: bytes, flat: list[int] | None, found: bool
+    ) -> None:
+        """Write ``key``'s value, ``cursor`` still on it when ``found``; an empty one deletes
+        the key."""
+        try:
+            if flat:
+                cursor.put(key, encode_value(flat))
+            elif found:
+                cursor.delete()
+        except lmdb.MapFullError as exc:
+            raise StoreError(
+                f"segment store {self.path} is full (map size {self._env.info()['map_size']} bytes)"
+            ) from exc
 
     def _put_flat(self, key: bytes, flat: list[int]) -> None:
         try:
@@ -197,15 +223,23 @@ class StoreWriter:
                 f"segment store {self.path} is full (map size {self._env.info()['map_size']} bytes)"
             ) from exc
 
-    def drop_expired(self, now: int) -> tuple[int, int]:
-        """Remove memberships that expired at or before ``now``, and keys left empty.
+    def drop_expired(
+        self, now: int, start: bytes = b"", end: bytes | None = None
+    ) -> tuple[int, int]:
+        """Remove memberships that expired at or before ``now``, and keys left empty, among
+        the keys from ``start`` up to ``end`` (excluded; ``None``: to the last).
 
         Returns (memberships removed, keys deleted). Readers are not blocked: they keep their
         snapshot until this transaction commits.
         """
         changes: list[tuple[bytes, dict[int, int]]] = []
         removed = 0
-        for key, raw in self._txn.cursor(db=self._members):
+        cursor = self._txn.cursor(db=self._members)
+        if not cursor.set_range(start):
+            return 0, 0
+        for key, raw in cursor:
+            if end is not None and bytes(key) >= end:
+                break
             memberships = decode_memberships(raw)
             live = {sid: exp for sid, exp in memberships.items() if not exp or exp > now}
             if len(live) != len(memberships):
