@@ -2,13 +2,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lmdb
 import pytest
 
 from enrich_server.ingest import entries
 from enrich_server.ingest.batches import BatchError, Mutation
 from enrich_server.ingest.entries import Changes, CreateSegment, DeleteSegment, Entry, Mutations
 from enrich_server.store import StoreWriter, decode_memberships
+from tests.utils import raw_members
 
 TTL = 1000
 NOW = 1_900_000_000
@@ -39,15 +39,6 @@ def _store(path: Path) -> tuple[int, int]:
     return first, second
 
 
-def _members(store: Path) -> dict[bytes, bytes]:
-    env = lmdb.open(str(store), max_dbs=8, readonly=True, lock=False)
-    try:
-        with env.begin() as txn:
-            return {bytes(k): bytes(v) for k, v in txn.cursor(db=env.open_db(b"members", txn=txn))}
-    finally:
-        env.close()
-
-
 def _answers(outcomes: list[entries.Outcome]) -> list[object]:
     return [type(refused).__name__ if refused else result for result, refused in outcomes]
 
@@ -76,8 +67,8 @@ def test_apply_all_in_one_transaction_writes_what_each_entry_alone_writes(tmp_pa
         [2, {"add": 2, "remove": 0}],
         [3, True],
     ]
-    assert _members(together) == _members(alone)
-    assert {k: decode_memberships(v) for k, v in _members(together).items()} == {
+    assert raw_members(together) == raw_members(alone)
+    assert {k: decode_memberships(v) for k, v in raw_members(together).items()} == {
         b"uid:u": {first: NOW + 9},
         b"uid:w": {first: NOW + 7},
     }

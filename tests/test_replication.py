@@ -13,13 +13,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import httpx2 as httpx
 import msgspec
 import nats as nats_client
 import pytest
+from nats.js import JetStreamContext
 from nats.js import api as nats_api
 
 from enrich_server.config import load_config, to_json
@@ -270,31 +272,32 @@ def _checkpoint(config: Path, store: Path) -> str:
     return done.stdout
 
 
-def _purge_before(nats: NatsServer, sequence: int) -> None:
-    """Drop the stream's entries before ``sequence``, as expiry would."""
+T = TypeVar("T")
 
-    async def purge() -> None:
+
+def _on_jetstream(nats: NatsServer, work: Callable[[JetStreamContext], Awaitable[T]]) -> T:
+    """``work`` done on a connection of its own to ``nats``, as a client outside the nodes."""
+
+    async def run() -> T:
         client = await nats_client.connect(nats.url)
         try:
-            await client.jetstream().purge_stream("ENRICH", seq=sequence)
+            return await work(client.jetstream())
         finally:
             await client.close()
 
-    asyncio.run(purge())
+    return asyncio.run(run())
+
+
+def _purge_before(nats: NatsServer, sequence: int) -> None:
+    """Drop the stream's entries before ``sequence``, as expiry would."""
+    _on_jetstream(nats, lambda js: js.purge_stream("ENRICH", seq=sequence))
 
 
 def _stream_last(nats: NatsServer) -> int:
     """The stream's last sequence, as JetStream reports it."""
-
-    async def info() -> int:
-        client = await nats_client.connect(nats.url)
-        try:
-            last: int = (await client.jetstream().stream_info("ENRICH")).state.last_seq
-            return last
-        finally:
-            await client.close()
-
-    return asyncio.run(info())
+    info = _on_jetstream(nats, lambda js: js.stream_info("ENRICH"))
+    last: int = info.state.last_seq
+    return last
 
 
 def test_a_new_node_with_an_empty_directory_starts_from_the_latest_checkpoint(
@@ -657,18 +660,10 @@ def test_a_bad_drop_file_on_a_replicated_node_publishes_nothing(
 
 def _publish_raw(nats: NatsServer, entry: entries.LogEntry, msg_id: str) -> int:
     """Publish ``entry`` as a node would, under ``msg_id``; its stream sequence."""
-
-    async def publish() -> int:
-        client = await nats_client.connect(nats.url)
-        try:
-            ack = await client.jetstream().publish(
-                "ENRICH.entries", entries.encode(entry), headers={"Nats-Msg-Id": msg_id}
-            )
-            return ack.seq
-        finally:
-            await client.close()
-
-    return asyncio.run(publish())
+    payload, headers = entries.encode(entry), {"Nats-Msg-Id": msg_id}
+    ack = _on_jetstream(nats, lambda js: js.publish("ENRICH.entries", payload, headers=headers))
+    sequence: int = ack.seq
+    return sequence
 
 
 def test_a_drop_file_published_twice_is_applied_once_on_every_node(
@@ -711,40 +706,25 @@ def _large_drop_file(folder: Path, sid: int, minute: int) -> Path:
 
 
 def _in_bucket(nats: NatsServer, prefix: str) -> list[nats_api.ObjectInfo]:
-    async def names() -> list[nats_api.ObjectInfo]:
-        client = await nats_client.connect(nats.url)
-        try:
-            return await objectstore.names(await client.jetstream().object_store(BUCKET), prefix)
-        finally:
-            await client.close()
+    async def names(js: JetStreamContext) -> list[nats_api.ObjectInfo]:
+        return await objectstore.names(await js.object_store(BUCKET), prefix)
 
-    return asyncio.run(names())
+    return _on_jetstream(nats, names)
 
 
 def _write_object(nats: NatsServer, name: str, data: bytes | None) -> None:
     """Put ``data`` in the bucket as ``name``, or delete it (``None``)."""
 
-    async def write() -> None:
-        client = await nats_client.connect(nats.url)
-        try:
-            bucket = await client.jetstream().object_store(BUCKET)
-            await (bucket.delete(name) if data is None else bucket.put(name, data))
-        finally:
-            await client.close()
+    async def write(js: JetStreamContext) -> None:
+        bucket = await js.object_store(BUCKET)
+        await (bucket.delete(name) if data is None else bucket.put(name, data))
 
-    asyncio.run(write())
+    _on_jetstream(nats, write)
 
 
 def _entry_at(nats: NatsServer, sequence: int) -> entries.LogEntry:
-    async def get() -> bytes:
-        client = await nats_client.connect(nats.url)
-        try:
-            data: bytes = (await client.jetstream().get_msg("ENRICH", sequence)).data or b""
-            return data
-        finally:
-            await client.close()
-
-    return entries.decode(asyncio.run(get()))
+    message = _on_jetstream(nats, lambda js: js.get_msg("ENRICH", sequence))
+    return entries.decode(message.data or b"")
 
 
 def test_a_drop_file_too_large_for_one_entry_reaches_every_node_through_the_bucket(
@@ -914,15 +894,7 @@ def test_the_stream_is_created_with_explicit_limits(
     tmp_path: Path, make_store: StoreFactory, nats: NatsServer
 ) -> None:
     with _nodes(tmp_path, make_store, nats, count=1):
-
-        async def config() -> nats_api.StreamConfig:
-            client = await nats_client.connect(nats.url)
-            try:
-                return (await client.jetstream().stream_info("ENRICH")).config
-            finally:
-                await client.close()
-
-        created = asyncio.run(config())
+        created = _on_jetstream(nats, lambda js: js.stream_info("ENRICH")).config
     assert created.max_msg_size == jetstream.MAX_MESSAGE_BYTES == 1 << 20
     assert created.duplicate_window == jetstream.DUPLICATE_WINDOW_SECONDS
     assert created.storage == nats_api.StorageType.FILE

@@ -20,7 +20,7 @@ from enrich_server.store import (
 )
 from enrich_server.store.layout import FORMAT
 from tests.conftest import StoreFactory
-from tests.utils import ROOT
+from tests.utils import ROOT, raw_members
 
 #: Another process's first DMP writes: a keyed segment, a member, a synced id. Prints the id.
 FIRST_DMP_WRITES = """
@@ -191,15 +191,6 @@ def test_drop_expired_in_slices_covers_every_key_once(make_store: StoreFactory) 
     assert removed == [(50, 50), (50, 50), (100, 100), (50, 50)]
 
 
-def _members(store: Path) -> dict[bytes, bytes]:
-    env = lmdb.open(str(store), max_dbs=8, readonly=True, lock=False)
-    try:
-        with env.begin() as txn:
-            return {bytes(k): bytes(v) for k, v in txn.cursor(db=env.open_db(b"members", txn=txn))}
-    finally:
-        env.close()
-
-
 _CHANGE = st.tuples(
     st.sampled_from([b"uid:a", b"uid:b", b"uid:c"]),
     st.integers(1, 4),
@@ -231,4 +222,4 @@ def test_apply_changes_writes_what_add_one_and_remove_in_turn_write(
                 writer.remove(key, (sid,))
     with StoreWriter(stores[1]) as writer:
         writer.apply_changes(sorted(changes, key=itemgetter(0)))
-    assert _members(stores[1]) == _members(stores[0])
+    assert raw_members(stores[1]) == raw_members(stores[0])

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx2 as httpx
 
+from enrich_server.store import Tables, open_environment
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -113,3 +115,15 @@ def run_server(
             yield RunningServer(url, process, log_path)
         finally:
             stop(process)
+
+
+def raw_members(store: Path) -> dict[bytes, bytes]:
+    """The ``members`` table of the store in directory ``store``, key -> value bytes as
+    stored (for tests comparing two ways of writing the same data byte for byte)."""
+    env = open_environment(store, map_size=0, readonly=True)
+    try:
+        with env.begin() as txn:
+            members = env.open_db(Tables.MEMBERS, txn=txn, create=False)
+            return {bytes(k): bytes(v) for k, v in txn.cursor(db=members)}
+    finally:
+        env.close()

@@ -190,17 +190,16 @@ class StoreWriter:
             elif found:
                 cursor.delete()
         except lmdb.MapFullError as exc:
-            raise StoreError(
-                f"segment store {self.path} is full (map size {self._env.info()['map_size']} bytes)"
-            ) from exc
+            raise self._full() from exc
 
     def _put_flat(self, key: bytes, flat: list[int]) -> None:
+        self._put_value(key, encode_value(flat))
+
+    def _put_value(self, key: bytes, value: bytes) -> None:
         try:
-            self._txn.put(key, encode_value(flat), db=self._members)
+            self._txn.put(key, value, db=self._members)
         except lmdb.MapFullError as exc:
-            raise StoreError(
-                f"segment store {self.path} is full (map size {self._env.info()['map_size']} bytes)"
-            ) from exc
+            raise self._full() from exc
 
     def remove(self, key: bytes, segment_ids: Iterable[int]) -> int:
         """Remove ``key`` from each segment; returns how many memberships were removed."""
@@ -216,12 +215,13 @@ class StoreWriter:
         return removed
 
     def _put(self, key: bytes, memberships: dict[int, int]) -> None:
-        try:
-            self._txn.put(key, encode_memberships(memberships), db=self._members)
-        except lmdb.MapFullError as exc:
-            raise StoreError(
-                f"segment store {self.path} is full (map size {self._env.info()['map_size']} bytes)"
-            ) from exc
+        self._put_value(key, encode_memberships(memberships))
+
+    def _full(self) -> StoreError:
+        """The error of a write that found LMDB's map full."""
+        return StoreError(
+            f"segment store {self.path} is full (map size {self._env.info()['map_size']} bytes)"
+        )
 
     def drop_expired(
         self, now: int, start: bytes = b"", end: bytes | None = None
