@@ -401,6 +401,8 @@ class EnrichHttpProtocol(HttpToolsProtocol):
             self.on_response_complete()
             return
         self.server_state.total_requests += 1
+        if self.transport.is_closing():  # as uvicorn's: nothing more to read or wait for
+            return
         self.flow.resume_reading()
         if not self._reading:
             self.deadline = self.loop.time() + registry.limits.idle_timeout
