@@ -47,6 +47,7 @@ from enrich_server.ingest import (
     dropobjects,
     entries,
     objectstore,
+    publisher,
     replicated_snapshots,
 )
 from enrich_server.ingest.batches import BatchError
@@ -69,8 +70,6 @@ MAX_GROUP: Final = 512
 MAX_BUFFERED: Final = 4 * MAX_GROUP
 #: How long a write waits for this node's applier after JetStream's acknowledgement.
 APPLY_WAIT_SECONDS: Final = 10.0
-#: Publishes of one entry (the same ``Nats-Msg-Id``) before its writer gets a 503.
-PUBLISH_ATTEMPTS: Final = 2
 #: Between two looks at the stream's last sequence (the lag).
 STATUS_SECONDS: Final = 1.0
 #: Between two attempts of a halted applier (a checkpoint may have been uploaded).
@@ -210,29 +209,12 @@ class JetStreamLog:
         return result
 
     async def _publish(self, js: JetStreamContext, payload: bytes, msg_id: str) -> None:
-        """Publish one entry, sent again with the same ``Nats-Msg-Id`` (stored once) when
-        no acknowledgement came. Raises ``StoreError`` when JetStream refused it (nothing
-        stored), ``UnconfirmedWriteError`` when it may have been stored."""
-        for attempt in range(PUBLISH_ATTEMPTS):
-            try:
-                await js.publish(
-                    self._subject,
-                    payload,
-                    timeout=self._config.publish_timeout,
-                    stream=self._config.stream,
-                    headers={_MSG_ID: msg_id},
-                )
-                return
-            except (nats.js.errors.NoStreamResponseError, nats.js.errors.APIError) as exc:
-                self.status.publish_failures += 1  # answered: not stored
-                raise StoreError(f"the replication log (NATS) refused the write: {exc!r}") from None
-            except (TimeoutError, nats.errors.Error) as exc:
-                if attempt + 1 == PUBLISH_ATTEMPTS:
-                    self.status.publish_failures += 1
-                    raise UnconfirmedWriteError(
-                        f"the replication log (NATS) did not acknowledge it ({exc!r}): it may"
-                        " still be applied, and repeating it is safe"
-                    ) from None
+        """``publisher.publish``, counting the writes it gives up on (each answered 503)."""
+        try:
+            await publisher.publish(js, self._config, payload, msg_id)
+        except StoreError:
+            self.status.publish_failures += 1
+            raise
 
     async def _connect_and_apply(self) -> None:
         attempt = 0

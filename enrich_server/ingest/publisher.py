@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Final
 
 import nats.errors
-from nats.aio.client import Client
-from nats.js import api
+import nats.js.errors
+from nats.js import JetStreamContext, api
 
 from enrich_server.config import ReplicationConfig
-from enrich_server.errors import StoreError
+from enrich_server.errors import StoreError, UnconfirmedWriteError
 from enrich_server.store import SegmentStore
 
 #: How long a command waits for the node's applier to apply what it published.
@@ -23,20 +23,38 @@ APPLY_WAIT_SECONDS: Final = 30.0
 _POLL_SECONDS: Final = 0.05
 
 
-async def publish(nc: Client, config: ReplicationConfig, payload: bytes, msg_id: str) -> int:
-    """Publish one encoded entry under ``msg_id``; its stream sequence (the first copy's, when
-    JetStream dropped this one as a duplicate). ``StoreError`` when not acknowledged."""
-    try:
-        ack = await nc.jetstream().publish(
-            config.subject,
-            payload,
-            timeout=config.publish_timeout,
-            stream=config.stream,
-            headers={api.Header.MSG_ID.value: msg_id},
-        )
-    except (TimeoutError, nats.errors.Error) as exc:
-        raise StoreError(f"the replication log (NATS) did not acknowledge it: {exc!r}") from None
-    return ack.seq
+#: Publishes of one entry (the same ``Nats-Msg-Id``) before it is given up as unconfirmed.
+PUBLISH_ATTEMPTS: Final = 2
+
+
+async def publish(
+    js: JetStreamContext, config: ReplicationConfig, payload: bytes, msg_id: str
+) -> int:
+    """Publish one encoded entry under ``msg_id``, sent again with the same id (stored once)
+    when no acknowledgement came; its stream sequence (the first copy's, when JetStream dropped
+    this one as a duplicate). Raises ``StoreError`` when JetStream refused it (nothing
+    stored), ``UnconfirmedWriteError`` when it may have been stored."""
+    attempt = 1
+    while True:
+        try:
+            ack = await js.publish(
+                config.subject,
+                payload,
+                timeout=config.publish_timeout,
+                stream=config.stream,
+                headers={api.Header.MSG_ID.value: msg_id},
+            )
+            sequence: int = ack.seq
+            return sequence
+        except (nats.js.errors.NoStreamResponseError, nats.js.errors.APIError) as exc:
+            raise StoreError(f"the replication log (NATS) refused it: {exc!r}") from None
+        except (TimeoutError, nats.errors.Error) as exc:
+            if attempt == PUBLISH_ATTEMPTS:
+                raise UnconfirmedWriteError(
+                    f"the replication log (NATS) did not acknowledge it ({exc!r}): it may"
+                    " still be applied, and repeating it is safe"
+                ) from None
+            attempt += 1
 
 
 async def applied(store: Path, sequence: int, wait: float = APPLY_WAIT_SECONDS) -> None:

@@ -69,7 +69,9 @@ async def _publish_slices(
     try:
         for number, (start, end) in enumerate(zip(starts, ends, strict=True)):
             payload = entries.encode(Compact(at_ms, start, end))
-            sequence = await publisher.publish(nc, config, payload, f"compact:{run}:{number}")
+            sequence = await publisher.publish(
+                nc.jetstream(), config, payload, f"compact:{run}:{number}"
+            )
             began = time.monotonic()
             await publisher.applied(store, sequence)
             await asyncio.sleep(time.monotonic() - began)  # the appliers' other half

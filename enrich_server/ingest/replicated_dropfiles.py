@@ -101,7 +101,7 @@ async def _publish_and_wait(
             except (TimeoutError, nats.errors.Error) as exc:
                 raise StoreError(f"the drop file was not uploaded: {exc!r}") from None
         msg_id = f"dropfile:{prepared.name}:{prepared.sha256}"
-        sequence = await publisher.publish(nc, config, payload, msg_id)
+        sequence = await publisher.publish(nc.jetstream(), config, payload, msg_id)
     finally:
         await nc.close()
     await publisher.applied(store, sequence, wait)
