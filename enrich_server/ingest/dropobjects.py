@@ -25,9 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from nats.js.object_store import ObjectStore
 
@@ -42,8 +41,6 @@ log = logging.getLogger(__name__)
 PREFIX: Final = "dropfile-"
 #: Drop-file objects kept in the bucket (a day of a large file every hour, and more).
 KEEP: Final = 32
-
-Run = Callable[[Callable[[StoreWriter], Any]], Awaitable[Any]]
 
 
 async def upload(bucket: ObjectStore, path: Path, prepared: DropFile) -> DropFileObject:
@@ -69,7 +66,7 @@ async def upload(bucket: ObjectStore, path: Path, prepared: DropFile) -> DropFil
 
 
 async def apply(
-    bucket: ObjectStore, entry: DropFileObject, sequence: int, root: Path, run: Run
+    bucket: ObjectStore, entry: DropFileObject, sequence: int, root: Path, run: entries.Run
 ) -> str | None:
     """Apply log entry ``sequence``, ``entry``, to the store at ``root`` through the
     applier's writer (``run``); returns ``None`` once applied (or applied before), else why

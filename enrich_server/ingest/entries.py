@@ -12,7 +12,7 @@ before it wrote anything, so a refused entry does not spoil the others of its tr
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from operator import itemgetter
 from typing import Any, Final
 
@@ -31,6 +31,9 @@ from enrich_server.ingest.batches import (
     plan_in,
 )
 from enrich_server.store import SegmentStore, StoreWriter
+
+#: How a replicated node runs a job on its one writer (in its thread), awaited.
+Run = Callable[[Callable[[StoreWriter], Any]], Awaitable[Any]]
 
 
 class Mutations(msgspec.Struct, tag="mutations", array_like=True, frozen=True):

@@ -77,8 +77,6 @@ HALTED_RETRY_SECONDS: Final = 5.0
 _BACKOFF_SECONDS: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 _MSG_ID: Final = api.Header.MSG_ID.value
 
-Run = Callable[[Callable[[StoreWriter], Any]], Any]
-
 
 @dataclass(slots=True)
 class Status:
@@ -134,7 +132,7 @@ def too_large(entry: LogEntry, size: int) -> str:
 class JetStreamLog:
     """Publishes entries and applies the stream to the store (``start``, then ``submit``)."""
 
-    def __init__(self, config: Config, view: Callable[[], SegmentStore], run: Run) -> None:
+    def __init__(self, config: Config, view: Callable[[], SegmentStore], run: entries.Run) -> None:
         """``view``: the store as it is now (following ``current`` across a restore);
         ``run``: runs a write job on the store's writer thread (``WriteQueue.run``),
         returning its result once committed."""

@@ -17,10 +17,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import nats.errors
 from nats.js import api
@@ -40,8 +40,6 @@ PREFIX: Final = "snapshot-"
 #: Snapshots kept in the bucket: a node replaying from an older checkpoint still finds them.
 KEEP: Final = 3
 _PUBLISH_TIMEOUT: Final = 10.0
-
-Run = Callable[[Callable[[StoreWriter], Any]], Awaitable[Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +107,7 @@ async def _upload_and_publish(
 
 
 async def swap_in(
-    bucket: ObjectStore, entry: Snapshot, sequence: int, root: Path, run: Run
+    bucket: ObjectStore, entry: Snapshot, sequence: int, root: Path, run: entries.Run
 ) -> str | None:
     """Apply log entry ``sequence``, ``entry``, to the store at ``root`` through the
     applier's writer (``run``); returns ``None`` once swapped in (or applied before), else
